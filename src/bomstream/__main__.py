@@ -1,0 +1,5 @@
+import sys
+
+from bomstream.cli import main
+
+sys.exit(main())

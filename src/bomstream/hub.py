@@ -1,0 +1,477 @@
+"""The in-process broker: per-BOM replay buffers and fan-out to open streams.
+
+Everything here is synchronous and runs on the event loop thread, which is
+what makes replay race-free: reading the buffer for a new stream's catch-up
+and registering that stream for live events happen in one step, with no
+``await`` in between, so no event can fall between them or arrive twice.
+
+Fan-out writes one pre-framed HTTP chunk straight to each stream's transport.
+There is no queue and no task wake-up per stream; the transport's own write
+buffer is the send queue, and its size is the back-pressure signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+from bomstream.buffer import BomBuffer
+from bomstream.config import Config
+from bomstream.events import (
+    KEEPALIVE_CHUNK,
+    Event,
+    chunk,
+    connected_frame,
+    retry_frame,
+    stream_end_chunk,
+)
+from bomstream.metrics import Metrics
+from bomstream.principal import Principal
+
+log = logging.getLogger("bomstream.hub")
+
+# Why a stream ended. Terminal event types are reasons too.
+SERVER_SHUTDOWN = "server_shutdown"
+MAX_DURATION = "max_duration"
+TOKEN_EXPIRED = "token_expired"
+FORBIDDEN = "forbidden"
+SLOW_CONSUMER = "slow_consumer"
+CLIENT_GONE = "client_disconnected"
+
+Access = Literal["ok", "forbidden", "finished"]
+
+
+class Subscriber:
+    """One open stream. ``done`` resolves with the reason the stream ended."""
+
+    __slots__ = (
+        "_deadline",
+        "_timer",
+        "bom_id",
+        "catchup_events",
+        "delivered_base",
+        "done",
+        "group",
+        "live_events",
+        "opened_at",
+        "principal",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        bom_id: str,
+        principal: Principal,
+        transport: asyncio.WriteTransport,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.bom_id = bom_id
+        self.principal = principal
+        self.group = principal.org
+        self.transport = transport
+        self.done: asyncio.Future[str] = loop.create_future()
+        self.opened_at = time.monotonic()
+        self.catchup_events = 0
+        self.delivered_base = 0
+        self.live_events = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    @property
+    def reason(self) -> str | None:
+        return self.done.result() if self.done.done() else None
+
+
+class _Group:
+    """The streams of one BOM that see the same events (one org, or all orgs)."""
+
+    __slots__ = ("delivered", "subs")
+
+    def __init__(self) -> None:
+        self.subs: set[Subscriber] = set()
+        # Events written to this group since it was made; a stream's count of
+        # events sent is this minus its base, so nothing is counted per stream.
+        self.delivered = 0
+
+
+class _Channel:
+    __slots__ = ("bom_id", "buffer", "groups", "last_event_at", "owner", "pending")
+
+    def __init__(self, bom_id: str, capacity: int) -> None:
+        self.bom_id = bom_id
+        self.buffer = BomBuffer(capacity)
+        # A BOM belongs to the org of its first event that names one.
+        self.owner: str | None = None
+        self.groups: dict[str | None, _Group] = {}
+        self.pending: list[Event] = []
+        self.last_event_at = time.monotonic()
+
+    def has_subscribers(self) -> bool:
+        return any(g.subs for g in self.groups.values())
+
+
+@dataclass(slots=True)
+class Opened:
+    """What a new stream writes first, and the live subscription (None if already over)."""
+
+    initial: bytes
+    sub: Subscriber | None
+    resumed: bool
+    end_reason: str | None
+    catchup_events: int
+
+
+def _visible(event: Event, org: str | None) -> bool:
+    return org is None or event.org == org
+
+
+class Hub:
+    def __init__(self, cfg: Config, metrics: Metrics) -> None:
+        self._cfg = cfg
+        self._metrics = metrics
+        self._channels: dict[str, _Channel] = {}
+        # Channels holding events, least recently updated first (for the BOM cap).
+        self._recency: OrderedDict[str, None] = OrderedDict()
+        self._dirty: dict[str, _Channel] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._retry_chunk = chunk(retry_frame(cfg.server.retry_ms))
+        self._send_limit = cfg.server.send_queue_bytes
+        self._heartbeat_s = cfg.server.heartbeat_s
+        self.stream_count = 0
+        self.streams_by_org: Counter[str | None] = Counter()
+        self.closing = False
+
+    # -- ingest --------------------------------------------------------------
+
+    def ingest(self, event: Event, source: str) -> bool:
+        """Buffer an accepted event and schedule its fan-out. False for a duplicate."""
+        ch = self._channels.get(event.bom_id)
+        if ch is None:
+            ch = self._channels[event.bom_id] = _Channel(
+                event.bom_id, self._cfg.buffer.events_per_bom
+            )
+        elif event.event_id in ch.buffer:
+            self._metrics.events_dropped.labels("duplicate").inc()
+            return False
+        ch.buffer.append(event)
+        if ch.owner is None and event.org is not None:
+            ch.owner = event.org
+        ch.last_event_at = time.monotonic()
+        self._touch(ch)
+        ch.pending.append(event)
+        if not self._dirty:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_dirty)
+        self._dirty[ch.bom_id] = ch
+        self._metrics.events_received.labels(source).inc()
+        return True
+
+    def _touch(self, ch: _Channel) -> None:
+        recency = self._recency
+        recency[ch.bom_id] = None
+        recency.move_to_end(ch.bom_id)
+        while len(recency) > self._cfg.buffer.max_boms:
+            oldest, _ = recency.popitem(last=False)
+            self._forget(oldest)
+
+    def _forget(self, bom_id: str) -> None:
+        """Drop a BOM's history; its open streams stay open and keep receiving."""
+        ch = self._channels.get(bom_id)
+        if ch is None:
+            return
+        self._recency.pop(bom_id, None)
+        if ch.pending:
+            self._flush(ch)
+        self._dirty.pop(bom_id, None)
+        if ch.has_subscribers():
+            ch.buffer.clear()
+        else:
+            del self._channels[bom_id]
+
+    # -- fan-out -------------------------------------------------------------
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, {}
+        self._flush_handle = None
+        for ch in dirty.values():
+            if ch.pending:
+                self._flush(ch)
+
+    def _flush(self, ch: _Channel) -> None:
+        """Write every pending event of one BOM to its streams, coalesced per group."""
+        pending, ch.pending = ch.pending, []
+        terminal: Event | None = None
+        for i, ev in enumerate(pending):
+            if ev.terminal:
+                # Streams close at a terminal event; what follows (a new run)
+                # is read from the buffer by the streams that reconnect.
+                terminal = ev
+                pending = pending[: i + 1]
+                break
+        now = time.time()
+        for ev in pending:
+            self._metrics.publish_to_write.observe(
+                max(0.0, now - (ev.created_at or ev.received_at))
+            )
+        if not ch.groups:
+            return
+        all_blob = pending[0].chunk if len(pending) == 1 else b"".join(e.chunk for e in pending)
+        delivered = 0
+        for org, group in list(ch.groups.items()):
+            if not group.subs:
+                continue
+            if org is not None and ch.owner is not None and ch.owner != org:
+                self._end_group(ch, group, FORBIDDEN)
+                continue
+            if org is None:
+                visible = len(pending)
+                blob = all_blob
+            else:
+                mine = [e for e in pending if e.org == org]
+                visible = len(mine)
+                blob = all_blob if visible == len(pending) else b"".join(e.chunk for e in mine)
+            if terminal is not None:
+                blob += stream_end_chunk(terminal.event_type)
+            elif not blob:
+                continue
+            group.delivered += visible
+            delivered += visible * len(group.subs)
+            self._write_group(ch, group, blob, terminal)
+        self._metrics.events_delivered.inc(delivered)
+
+    def _write_group(
+        self, ch: _Channel, group: _Group, blob: bytes, terminal: Event | None
+    ) -> None:
+        limit = self._send_limit
+        gone: list[tuple[Subscriber, str]] = []
+        for sub in group.subs:
+            t = sub.transport
+            if t.is_closing():
+                gone.append((sub, CLIENT_GONE))
+                continue
+            t.write(blob)
+            if terminal is not None:
+                gone.append((sub, terminal.event_type))
+            elif t.get_write_buffer_size() > limit:
+                gone.append((sub, SLOW_CONSUMER))
+        for sub, reason in gone:
+            if reason == SLOW_CONSUMER:
+                self._metrics.slow_consumer_disconnects.inc()
+                # Abort frees the unsent bytes now; the client resumes with Last-Event-ID.
+                sub.transport.abort()
+            self._finish(sub, reason)
+
+    def _end_group(self, ch: _Channel, group: _Group, reason: str) -> None:
+        for sub in list(group.subs):
+            self.end(sub, reason)
+
+    # -- streams -------------------------------------------------------------
+
+    def check_access(self, bom_id: str, principal: Principal, last_event_id: str | None) -> Access:
+        """Decide before any byte is sent: 403 for another org's BOM, 204 when the
+        client already holds the BOM's terminal event."""
+        ch = self._channels.get(bom_id)
+        if ch is None:
+            return "ok"
+        if principal.org is not None and ch.owner is not None and ch.owner != principal.org:
+            return "forbidden"
+        if last_event_id is not None:
+            latest = self._latest_visible(ch, principal.org)
+            if latest is not None and latest.terminal and latest.event_id == last_event_id:
+                return "finished"
+        return "ok"
+
+    def _latest_visible(self, ch: _Channel, org: str | None) -> Event | None:
+        for ev in reversed(ch.buffer):
+            if _visible(ev, org):
+                return ev
+        return None
+
+    def open(
+        self,
+        bom_id: str,
+        principal: Principal,
+        last_event_id: str | None,
+        transport: asyncio.WriteTransport,
+    ) -> Opened:
+        """Build a new stream's first bytes and register it for live events, atomically."""
+        ch = self._channels.get(bom_id)
+        if ch is not None and ch.pending:
+            # Deliver what is in flight first, so catch-up and live cannot overlap.
+            self._flush(ch)
+            self._dirty.pop(bom_id, None)
+        org = principal.org
+        resumed = False
+        catchup: list[Event] = []
+        if ch is not None:
+            anchor = ch.buffer.get(last_event_id) if last_event_id else None
+            if last_event_id:
+                self._metrics.replay.labels("hit" if anchor else "miss").inc()
+            if anchor is not None:
+                resumed = True
+                catchup = [e for e in ch.buffer.after(anchor) if _visible(e, org)]
+            else:
+                latest = self._latest_visible(ch, org)
+                if latest is not None:
+                    catchup = [latest]
+        end_reason: str | None = None
+        for i, ev in enumerate(catchup):
+            if ev.terminal:
+                catchup = catchup[: i + 1]
+                end_reason = ev.event_type
+                break
+        parts = [self._retry_chunk, chunk(connected_frame(bom_id, resumed))]
+        parts.extend(e.chunk for e in catchup)
+        if end_reason is not None:
+            parts.append(stream_end_chunk(end_reason))
+            self._metrics.stream_end.labels(end_reason).inc()
+            return Opened(b"".join(parts), None, resumed, end_reason, len(catchup))
+        if ch is None:
+            ch = self._channels[bom_id] = _Channel(bom_id, self._cfg.buffer.events_per_bom)
+        loop = asyncio.get_running_loop()
+        sub = Subscriber(bom_id, principal, transport, loop)
+        sub.catchup_events = len(catchup)
+        group = ch.groups.get(org)
+        if group is None:
+            group = ch.groups[org] = _Group()
+        group.subs.add(sub)
+        sub.delivered_base = group.delivered
+        self.stream_count += 1
+        self.streams_by_org[org] += 1
+        self._metrics.streams_active.set(self.stream_count)
+        sub._timer = loop.call_later(self._heartbeat_s, self._heartbeat, sub)
+        deadline = self._deadline_for(principal)
+        if deadline is not None:
+            reason, when = deadline
+            sub._deadline = loop.call_later(max(0.0, when), self.end, sub, reason)
+        return Opened(b"".join(parts), sub, resumed, None, len(catchup))
+
+    def _deadline_for(self, principal: Principal) -> tuple[str, float] | None:
+        """Seconds from now until the stream must end, and why."""
+        candidates: list[tuple[str, float]] = []
+        s = self._cfg.server
+        if s.max_stream_s > 0:
+            jitter = random.uniform(0, s.max_stream_jitter_s) if s.max_stream_jitter_s else 0.0
+            candidates.append((MAX_DURATION, s.max_stream_s + jitter))
+        if principal.expires_at is not None:
+            candidates.append((TOKEN_EXPIRED, principal.expires_at - time.time()))
+        return min(candidates, key=lambda c: c[1]) if candidates else None
+
+    def _heartbeat(self, sub: Subscriber) -> None:
+        t = sub.transport
+        if sub.done.done():
+            return
+        if t.is_closing():
+            self._finish(sub, CLIENT_GONE)
+            return
+        t.write(KEEPALIVE_CHUNK)
+        if t.get_write_buffer_size() > self._send_limit:
+            self._metrics.slow_consumer_disconnects.inc()
+            t.abort()
+            self._finish(sub, SLOW_CONSUMER)
+            return
+        sub._timer = asyncio.get_running_loop().call_later(self._heartbeat_s, self._heartbeat, sub)
+
+    def end(self, sub: Subscriber, reason: str) -> None:
+        """End a stream with a ``stream_end`` frame (shutdown, expiry, forbidden...)."""
+        if sub.done.done():
+            return
+        t = sub.transport
+        if not t.is_closing():
+            t.write(stream_end_chunk(reason))
+        self._finish(sub, reason)
+
+    def _finish(self, sub: Subscriber, reason: str) -> None:
+        """Unregister a stream and tell its handler why it ended."""
+        if sub.done.done():
+            return
+        sub.done.set_result(reason)
+        self._metrics.stream_end.labels(reason).inc()
+        self.detach(sub)
+
+    def detach(self, sub: Subscriber) -> None:
+        """Remove a stream from the broker; safe to call more than once."""
+        if sub._timer is not None:
+            sub._timer.cancel()
+            sub._timer = None
+        if sub._deadline is not None:
+            sub._deadline.cancel()
+            sub._deadline = None
+        ch = self._channels.get(sub.bom_id)
+        if ch is None:
+            return
+        group = ch.groups.get(sub.group)
+        if group is None or sub not in group.subs:
+            return
+        group.subs.discard(sub)
+        sub.live_events = group.delivered - sub.delivered_base
+        self.stream_count -= 1
+        self.streams_by_org[sub.group] -= 1
+        if self.streams_by_org[sub.group] <= 0:
+            del self.streams_by_org[sub.group]
+        self._metrics.streams_active.set(self.stream_count)
+        if not group.subs:
+            del ch.groups[sub.group]
+            if not ch.groups and len(ch.buffer) == 0:
+                del self._channels[sub.bom_id]
+        if not sub.done.done():
+            sub.done.set_result(CLIENT_GONE)
+            self._metrics.stream_end.labels(CLIENT_GONE).inc()
+
+    def events_sent(self, sub: Subscriber) -> int:
+        """Events written to a stream: its catch-up plus live events (after detach)."""
+        return sub.catchup_events + sub.live_events
+
+    def end_all(self, reason: str) -> int:
+        """End every open stream (graceful shutdown). Returns how many were open."""
+        self.closing = True
+        subs = [s for ch in self._channels.values() for g in ch.groups.values() for s in g.subs]
+        for sub in subs:
+            self.end(sub, reason)
+        return len(subs)
+
+    # -- reading -------------------------------------------------------------
+
+    def held(self, bom_id: str) -> list[Event]:
+        ch = self._channels.get(bom_id)
+        return list(ch.buffer) if ch is not None else []
+
+    def owner(self, bom_id: str) -> str | None:
+        ch = self._channels.get(bom_id)
+        return ch.owner if ch is not None else None
+
+    def boms(self) -> list[tuple[str, int, Event | None]]:
+        """(bom_id, open streams, latest event) for every BOM held, newest first."""
+        out = []
+        for bom_id in reversed(self._recency):
+            ch = self._channels[bom_id]
+            out.append((bom_id, sum(len(g.subs) for g in ch.groups.values()), ch.buffer.latest))
+        return out
+
+    @property
+    def bom_count(self) -> int:
+        return len(self._recency)
+
+    def sweep(self) -> int:
+        """Forget BOMs whose last event is older than ``buffer.retention_s``."""
+        cutoff = time.monotonic() - self._cfg.buffer.retention_s
+        stale = []
+        for bom_id in self._recency:  # oldest first, so stop at the first fresh one
+            if self._channels[bom_id].last_event_at >= cutoff:
+                break
+            stale.append(bom_id)
+        for bom_id in stale:
+            self._forget(bom_id)
+        return len(stale)
+
+    async def run_sweeper(self) -> None:
+        interval = max(0.05, min(30.0, self._cfg.buffer.retention_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            forgotten = self.sweep()
+            if forgotten:
+                log.debug("forgot %d idle BOMs", forgotten)

@@ -1,0 +1,87 @@
+"""Logging set-up (text or JSON lines) and a rate-limited reporter for dropped input."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+
+# Fields a log call may attach with ``extra={"fields": {...}}``.
+FIELDS = "fields"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, dict) and fields:
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        return line
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/*+@%=,\[\]{}'-]*")
+
+
+def _text_value(value: object) -> str:
+    """Quote anything that could break the line apart (spaces, CR/LF, control chars)."""
+    text = value if isinstance(value, str) else str(value)
+    if _PLAIN.fullmatch(text):
+        return text
+    return orjson.dumps(text).decode()
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class DropReporter:
+    """Counts rejected input and logs a summary at most once per ``interval`` seconds,
+    so a flood of bad messages cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, source: str, interval: float = 1.0) -> None:
+        self._log = logger
+        self._source = source
+        self._interval = interval
+        self._pending: Counter[str] = Counter()
+        self._last = 0.0
+
+    def drop(self, reason: str) -> None:
+        self._pending[reason] += 1
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            counts, self._pending = dict(self._pending), Counter()
+            self._log.warning(
+                "dropped %d bad events from %s",
+                sum(counts.values()),
+                self._source,
+                extra={FIELDS: {"source": self._source, "reasons": counts}},
+            )

@@ -1,0 +1,72 @@
+"""Prometheus metrics, one registry per gateway (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric the gateway exports. Updated once per event or per stream,
+    never once per delivery."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.streams_active = Gauge("bomstream_streams_active", "Open SSE streams.", registry=r)
+        self.streams_opened = Counter(
+            "bomstream_streams_opened",
+            "Stream requests by result (ok or the HTTP status returned).",
+            ["result"],
+            registry=r,
+        )
+        self.events_received = Counter(
+            "bomstream_events_received",
+            "Events accepted into the broker, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "bomstream_events_delivered", "Event deliveries written to streams.", registry=r
+        )
+        self.events_dropped = Counter(
+            "bomstream_events_dropped",
+            "Events rejected or dropped, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.slow_consumer_disconnects = Counter(
+            "bomstream_slow_consumer_disconnects",
+            "Streams cut because their unsent bytes passed server.send_queue_bytes.",
+            registry=r,
+        )
+        self.stream_end = Counter(
+            "bomstream_stream_end", "Streams ended, by reason.", ["reason"], registry=r
+        )
+        self.replay = Counter(
+            "bomstream_replay",
+            "Last-Event-ID lookups: hit (id held) or miss.",
+            ["result"],
+            registry=r,
+        )
+        self.redis_connected = Gauge(
+            "bomstream_redis_connected", "1 while the Redis feed is subscribed.", registry=r
+        )
+        self.redis_reconnects = Counter(
+            "bomstream_redis_reconnects", "Redis feed reconnect attempts.", registry=r
+        )
+        self.auth_failures = Counter(
+            "bomstream_auth_failures", "Rejected credentials, by reason.", ["reason"], registry=r
+        )
+        self.publish_to_write = Histogram(
+            "bomstream_publish_to_write_seconds",
+            "From an event's created_at (else its receipt) to its first write to streams.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,138 @@
+"""Builds the aiohttp application and runs it: routes, lifecycle, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from bomstream.access_log import AccessLogger
+from bomstream.auth import Authenticator
+from bomstream.broker import Broker
+from bomstream.broker_memory import MemoryBroker
+from bomstream.broker_redis import RedisBroker
+from bomstream.config import Config
+from bomstream.errors import error_middleware
+from bomstream.http_api import handle_health, handle_metrics, handle_poll, handle_publish
+from bomstream.hub import SERVER_SHUTDOWN, Hub
+from bomstream.logs import FIELDS
+from bomstream.metrics import Metrics
+from bomstream.state import GATEWAY, Gateway
+from bomstream.stream import handle_stream
+
+log = logging.getLogger("bomstream.server")
+
+# The HTTP read buffer aiohttp allows per request body; the publish handler
+# enforces limits.max_event_bytes itself, this only keeps a hard ceiling.
+BODY_SLACK = 1024
+
+
+def make_app(cfg: Config) -> web.Application:
+    metrics = Metrics()
+    hub = Hub(cfg, metrics)
+    broker: Broker = RedisBroker(cfg, hub, metrics) if cfg.redis.url else MemoryBroker(hub)
+    gw = Gateway(cfg=cfg, hub=hub, broker=broker, metrics=metrics, auth=Authenticator(cfg, metrics))
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=cfg.limits.max_event_bytes + BODY_SLACK,
+    )
+    app[GATEWAY] = gw
+    if not cfg.server.disable_stream:
+        app.router.add_get("/api/enrichment/stream/{bom_id}", handle_stream)
+    app.router.add_get("/api/enrichment/events/{bom_id}", handle_poll)
+    app.router.add_post("/api/enrichment/events/{bom_id}", handle_publish)
+    app.router.add_get("/api/enrichment/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    app.cleanup_ctx.append(_background_tasks)
+    app.on_shutdown.append(_end_streams)
+    return app
+
+
+async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
+    """Owner tasks of the broker connection and the buffer sweeper."""
+    gw = app[GATEWAY]
+    tasks = [
+        asyncio.create_task(gw.broker.run(), name="broker"),
+        asyncio.create_task(gw.hub.run_sweeper(), name="sweeper"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await gw.broker.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    ended = app[GATEWAY].hub.end_all(SERVER_SHUTDOWN)
+    log.info("shutting down", extra={FIELDS: {"streams_ended": ended}})
+
+
+@dataclass(slots=True)
+class RunningGateway:
+    runner: web.AppRunner
+    app: web.Application
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start(cfg: Config) -> RunningGateway:
+    """Start listening; ``server.port = 0`` picks a free port."""
+    app = make_app(cfg)
+    runner = web.AppRunner(
+        app,
+        # A client that goes away cancels its stream handler, which is how a
+        # stream learns of the disconnect at once rather than at its next write.
+        handler_cancellation=True,
+        shutdown_timeout=cfg.server.shutdown_grace_s,
+        access_log=logging.getLogger("bomstream.access") if cfg.server.access_log else None,
+        access_log_class=AccessLogger,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.server.host, cfg.server.port, backlog=4096, reuse_address=True)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return RunningGateway(runner, app, str(host), int(port))
+
+
+async def serve(cfg: Config) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start(cfg)
+    log.info(
+        "bomstream listening",
+        extra={
+            FIELDS: {
+                "url": running.url,
+                "broker": "redis" if cfg.redis.url else "embedded",
+                "auth": "open" if cfg.open_mode else "token",
+            }
+        },
+    )
+    try:
+        await stop.wait()
+    finally:
+        await running.stop()
+        log.info("bomstream stopped")

@@ -1,0 +1,32 @@
+"""The gateway's typed application state, shared by the handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from bomstream.auth import Authenticator
+from bomstream.broker import Broker
+from bomstream.config import Config
+from bomstream.hub import Hub
+from bomstream.logs import DropReporter
+from bomstream.metrics import Metrics
+
+
+@dataclass(slots=True)
+class Gateway:
+    cfg: Config
+    hub: Hub
+    broker: Broker
+    metrics: Metrics
+    auth: Authenticator
+    started_at: float = field(default_factory=time.monotonic)
+    http_drops: DropReporter = field(
+        default_factory=lambda: DropReporter(logging.getLogger("bomstream.api"), "http")
+    )
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
