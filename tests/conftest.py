@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -7,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 
 from bomstream.config import load_config
 from bomstream.server import RunningGateway, start
@@ -14,6 +16,13 @@ from tests.redis_proc import RedisProcess
 from tests.sse import SSEStream
 
 StartGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on uvloop, the loop the gateway runs on in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import random
 import ssl
 import time
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -83,14 +84,16 @@ class _FeedProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._broker = broker
         self._reader = hiredis.Reader()
-        self.subscribed: asyncio.Future[None] = loop.create_future()
+        # Both futures carry an exception as their result rather than raising it,
+        # so one that nobody awaits (the link died first) is never reported as lost.
+        self.subscribed: asyncio.Future[BaseException | None] = loop.create_future()
         self.closed: asyncio.Future[BaseException | None] = loop.create_future()
         self.last_seen = time.monotonic()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -117,7 +120,7 @@ class _FeedProtocol(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(exc)
         if not self.subscribed.done():
-            self.subscribed.set_exception(exc)
+            self.subscribed.set_result(exc)
         if self.transport is not None:
             self.transport.abort()
 
@@ -125,7 +128,7 @@ class _FeedProtocol(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(exc or ConnectionResetError("Redis closed the connection"))
         if not self.subscribed.done():
-            self.subscribed.set_exception(ConnectionResetError("Redis closed the connection"))
+            self.subscribed.set_result(ConnectionResetError("Redis closed the connection"))
 
 
 class RedisBroker:
@@ -216,7 +219,9 @@ class RedisBroker:
                 auth.append(t.password.encode())
                 transport.write(encode_command(*auth))
             transport.write(encode_command(b"PSUBSCRIBE", self._prefix + b"*"))
-            await asyncio.wait_for(asyncio.shield(proto.subscribed), CONNECT_TIMEOUT_S)
+            failure = await asyncio.wait_for(asyncio.shield(proto.subscribed), CONNECT_TIMEOUT_S)
+            if failure is not None:
+                raise failure
             self._set_connected(True)
             log.info(
                 "redis feed subscribed",
