@@ -91,6 +91,26 @@ async def test_http_publish_goes_through_redis_to_every_instance(
         assert got_a.data == got_b.data
 
 
+async def test_instances_agree_on_the_id_of_an_event_published_without_one(
+    gateway_factory: StartGateway, redis_server: RedisProcess, http: aiohttp.ClientSession
+) -> None:
+    a = await redis_gateway(gateway_factory, redis_server, http)
+    b = await redis_gateway(gateway_factory, redis_server, http)
+    async with open_stream(http, a.url, "bom-y") as sa, open_stream(http, b.url, "bom-y") as sb:
+        await sa.next_event()
+        await sb.next_event()
+        redis_server.publish("enrichment:bom-y", b'{"event_type": "enrichment.started"}')
+        redis_server.publish("enrichment:bom-y", b'{"event_type": "enrichment.progress"}')
+        got_a = [await sa.next_event(), await sa.next_event()]
+        got_b = [await sb.next_event(), await sb.next_event()]
+    assert [f.id for f in got_a] == [f.id for f in got_b]
+    assert got_a[0].id != got_a[1].id
+    # The id a client holds from one instance resumes on the other.
+    async with open_stream(http, b.url, "bom-y", last_event_id=got_a[0].id) as s:
+        assert (await s.next_event()).json()["resumed"] is True
+        assert (await s.next_event()).id == got_a[1].id
+
+
 async def test_redis_killed_and_restarted_mid_stream(
     gateway_factory: StartGateway, redis_server: RedisProcess, http: aiohttp.ClientSession
 ) -> None:

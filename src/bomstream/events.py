@@ -8,9 +8,9 @@ bytes every subscriber will receive. Encoding happens here, once per event.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import time
-import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,6 +75,16 @@ def is_safe_event_id(value: object) -> bool:
     )
 
 
+def derived_event_id(bom_id: str, raw: bytes) -> str:
+    """An id for an event published without one, computed from its bytes.
+
+    Every gateway instance subscribed to the same Redis derives the same id,
+    so a client that fails over to another instance resumes where it was; and
+    a worker that retries the very same message is de-duplicated.
+    """
+    return "h-" + hashlib.blake2b(bom_id.encode() + b"\0" + raw, digest_size=12).hexdigest()
+
+
 def parse_event(
     raw: bytes,
     bom_id: str,
@@ -111,7 +121,7 @@ def parse_event(
         raise EventRejected("invalid_organization_id", "organization_id must be a string")
     event_id = obj.get("event_id")
     if not is_safe_event_id(event_id):
-        event_id = str(uuid.uuid4())
+        event_id = derived_event_id(bom_id, raw)
         obj["event_id"] = event_id
     assert isinstance(event_id, str)
     return encode_event(

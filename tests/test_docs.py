@@ -1,0 +1,29 @@
+"""The README and config.toml document every configuration key there is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bomstream.config import describe_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_config_table_lists_every_key() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key, _env, _default in describe_keys() if f"`{key}`" not in readme]
+    assert missing == []
+
+
+def test_config_toml_documents_every_key() -> None:
+    text = (ROOT / "config.toml").read_text()
+    section = ""
+    documented = set()
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1]
+        elif stripped.startswith("# ") and " = " in stripped:
+            documented.add(f"{section}.{stripped[2:].split(' = ')[0].strip()}")
+    missing = [key for key, _env, _default in describe_keys() if key not in documented]
+    assert missing == []
