@@ -156,9 +156,9 @@
     if (!client) return;
     if (info.mode === "closed") {
       if (client.error && client.error.code !== "job_failed") setConn("disconnected", "Disconnected");
-      else setConn("closed", "Closed · job finished");
+      else setConn("closed", "Finished");
     } else if (info.mode === "polling") {
-      if (info.connected) setConn("polling", "Polling every " + duration(pollMs));
+      if (info.connected) setConn("polling", "Polling every " + (pollMs / 1000).toLocaleString("en", { maximumFractionDigits: 2 }) + " s");
       else setConn("disconnected", "Polling · server unreachable");
     } else if (info.connected) {
       setConn("live", "Live");
@@ -232,8 +232,8 @@
     $("elapsed").textContent = duration(end - view.startedAt);
     var status = state.status;
     if (status === "completed" || status === "failed") {
-      $("eta-label").textContent = "Finished in";
-      $("eta").textContent = duration(end - view.startedAt);
+      $("eta-label").textContent = status === "failed" ? "Failed at" : "Finished at";
+      $("eta").textContent = new Date(end).toLocaleTimeString("en-GB");
       return;
     }
     var total = num(state.total_items);

@@ -1,0 +1,174 @@
+"""The monitor page and bomstream.js in a real headless Chromium against a
+real listening gateway, fed through the real publish endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from playwright.async_api import Browser, Page
+
+from bomstream.server import RunningGateway
+from bomstream.simulator import SimulatedBom, run_job
+from tests.browser import (
+    RECORD_PROGRESS,
+    Publisher,
+    RequestLog,
+    chromium,
+    feed_line_items,
+    screenshot,
+    wait_until,
+)
+from tests.conftest import StartGateway
+
+pytestmark = pytest.mark.timeout(90)
+
+WAIT_MS = 20_000
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as b:
+        yield b
+
+
+async def open_monitor(
+    browser: Browser, gateway: RunningGateway, bom_id: str, query: str = "", width: int = 1280
+) -> tuple[Page, RequestLog]:
+    page = await browser.new_page(viewport={"width": width, "height": 900})
+    await page.add_init_script(RECORD_PROGRESS)
+    log = RequestLog()
+    log.attach(page)
+    await page.goto(f"{gateway.url}/monitor?bom={bom_id}{query}")
+    return page, log
+
+
+def stream_opens(gateway: RunningGateway) -> float:
+    registry = gateway.gateway.metrics.registry
+    return registry.get_sample_value("bomstream_streams_opened_total", {"result": "ok"}) or 0.0
+
+
+async def test_monitor_climbs_to_100_percent_and_then_makes_no_more_requests(
+    browser: Browser, gateway_factory: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(server__heartbeat_s=1)
+    bom = SimulatedBom(
+        "board-7", "board-7.csv", 30, batch_size=6, fail_rate=0.1, not_found_rate=0.1
+    )
+    page, log = await open_monitor(browser, gateway, bom.bom_id)
+    await page.wait_for_selector('#connection[data-conn="live"]', timeout=WAIT_MS)
+
+    publisher = Publisher(http, gateway.url)
+    job = asyncio.create_task(run_job(bom, publisher, random.Random(7), speed=3))
+    try:
+        await wait_until(page, "Number(document.getElementById('bar').ariaValueNow) >= 40")
+        await screenshot(page, "monitor-enriching-desktop.png")
+    finally:
+        ending = await job
+    assert ending == "enrichment.completed"
+    await page.wait_for_selector('#status[data-status="completed"]', timeout=WAIT_MS)
+
+    assert await page.inner_text("#percent") == "100 %"
+    assert await page.inner_text("#status") == "Completed"
+    percents: list[float] = await page.evaluate("window.__percents")
+    assert percents == sorted(percents), percents
+    assert any(0 < p < 100 for p in percents), percents
+    assert percents[-1] == 100
+    final = publisher.sent[-1]["state"]
+    assert await page.inner_text("#count-enriched") == str(final["enriched_items"])
+    assert await page.inner_text("#count-failed") == str(final["failed_items"])
+    assert await page.inner_text("#count-not-found") == str(final["not_found_items"])
+    assert await page.inner_text("#count-pending") == "0"
+    assert final["failed_items"] > 0 and final["not_found_items"] > 0
+    # Newest first, each component once.
+    assert await feed_line_items(page) == publisher.line_items()[::-1]
+    assert await page.get_attribute("#connection", "data-conn") == "closed"
+
+    await screenshot(page, "monitor-completed-desktop.png")
+    await page.set_viewport_size({"width": 360, "height": 780})
+    overflow = await page.evaluate("document.documentElement.scrollWidth")
+    assert overflow <= 360, f"page is {overflow}px wide at a 360px viewport"
+    await screenshot(page, "monitor-completed-360.png", full_page=False)
+
+    # Finished means finished: no reconnects, no polls, for 10 s.
+    t0 = time.monotonic()
+    opens = stream_opens(gateway)
+    await asyncio.sleep(10)
+    assert [r.url for r in log.since(t0)] == []
+    assert stream_opens(gateway) == opens
+    assert gateway.gateway.hub.stream_count == 0
+    assert await page.evaluate("window.bomstreamClient.mode") == "closed"
+
+
+async def test_native_reconnects_carry_last_event_id_and_feed_has_each_component_once(
+    browser: Browser, gateway_factory: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(
+        server__max_stream_s=2, server__retry_ms=200, server__heartbeat_s=1
+    )
+    bom = SimulatedBom("board-8", "board-8.csv", 40, batch_size=8)
+    page, log = await open_monitor(browser, gateway, bom.bom_id)
+    await page.wait_for_selector('#connection[data-conn="live"]', timeout=WAIT_MS)
+
+    publisher = Publisher(http, gateway.url)
+    started = time.monotonic()
+    await run_job(bom, publisher, random.Random(8), speed=1.5)
+    assert time.monotonic() - started > 4, "the job must outlive two stream lifetimes"
+    await page.wait_for_selector('#status[data-status="completed"]', timeout=WAIT_MS)
+
+    streams = log.to("/api/enrichment/stream/")
+    assert len(streams) >= 3, [r.url for r in streams]
+    sent_ids = {e["event_id"] for e in publisher.sent}
+    first = await streams[0].all_headers()
+    assert "last-event-id" not in first
+    for req in streams[1:]:
+        headers = await req.all_headers()
+        assert headers.get("last-event-id") in sent_ids, headers
+    # Every reconnect resumed from the buffer; nothing fell back to polling.
+    registry = gateway.gateway.metrics.registry
+    hits = registry.get_sample_value("bomstream_replay_total", {"result": "hit"})
+    assert hits is not None and hits >= len(streams) - 1
+    assert log.to("/api/enrichment/events/") == []
+
+    items = await feed_line_items(page)
+    assert Counter(items) == Counter(publisher.line_items())
+    assert len(items) == 40
+    assert await page.evaluate("window.bomstreamClient.eventCount") == len(publisher.sent)
+    assert await page.is_hidden("#gap")
+    assert await page.inner_text("#percent") == "100 %"
+
+
+async def test_client_falls_back_to_polling_when_the_stream_route_is_refused(
+    browser: Browser, gateway_factory: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(server__disable_stream=True)
+    bom = SimulatedBom("board-9", "board-9.csv", 30, batch_size=6, not_found_rate=0.1)
+    page, log = await open_monitor(
+        browser, gateway, bom.bom_id, "&poll_ms=250&fallback_after=3&sse_retry_ms=1500"
+    )
+    await page.wait_for_selector('#connection[data-conn="polling"]', timeout=WAIT_MS)
+    assert await page.inner_text("#connection-text") == "Polling every 0.25 s"
+    fallback_at = time.monotonic()
+    # Exactly pollFallbackAfter refused stream attempts before the first poll.
+    assert len(log.to("/api/enrichment/stream/")) == 3
+
+    publisher = Publisher(http, gateway.url)
+    await run_job(bom, publisher, random.Random(9), speed=1.5)
+    await page.wait_for_selector('#status[data-status="completed"]', timeout=WAIT_MS)
+
+    assert await page.inner_text("#percent") == "100 %"
+    assert await feed_line_items(page) == publisher.line_items()[::-1]
+    assert len(log.to("/api/enrichment/events/", since=fallback_at)) >= 5
+    # While polling it tried the stream again now and then.
+    assert len(log.to("/api/enrichment/stream/", since=fallback_at)) >= 1
+    assert await page.get_attribute("#connection", "data-conn") == "closed"
+    await screenshot(page, "monitor-polling-completed.png")
+
+    t0 = time.monotonic()
+    await asyncio.sleep(5)  # 20 poll intervals, 3 stream retry intervals
+    assert [r.url for r in log.since(t0)] == []
