@@ -4,17 +4,22 @@ real listening gateway, fed through the real publish endpoint."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from playwright.async_api import Browser, Page
 
 from bomstream.server import RunningGateway
-from bomstream.simulator import SimulatedBom, run_job
+from bomstream.simulator import DEMO_BOMS, SimulatedBom, run_job
 from tests.browser import (
     RECORD_PROGRESS,
     Publisher,
@@ -172,3 +177,105 @@ async def test_client_falls_back_to_polling_when_the_stream_route_is_refused(
     t0 = time.monotonic()
     await asyncio.sleep(5)  # 20 poll intervals, 3 stream retry intervals
     assert [r.url for r in log.since(t0)] == []
+
+
+async def test_admin_token_in_the_fragment_opens_stream_and_index_and_leaves_the_address_bar(
+    browser: Browser,
+    gateway_factory: StartGateway,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="bomstream.access")
+    gateway = await gateway_factory(auth__admin_token="s3cret", server__access_log=True)
+    page, log = await open_monitor(browser, gateway, "board-a", "#token=s3cret")
+    await page.wait_for_selector('#connection[data-conn="live"]', timeout=WAIT_MS)
+    assert "s3cret" not in await page.evaluate("location.href")
+
+    bom = SimulatedBom("board-a", "board-a.csv", 8, batch_size=4)
+    await run_job(bom, Publisher(http, gateway.url, token="s3cret"), random.Random(1), speed=6)
+    await page.wait_for_selector('#status[data-status="completed"]', timeout=WAIT_MS)
+    # EventSource cannot send headers, so the token rides in the stream's query...
+    assert "token=s3cret" in log.to("/api/enrichment/stream/")[0].url
+    # ...and the access log shows it redacted.
+    access = [r.getMessage() + str(r.__dict__) for r in caplog.records]
+    assert any("/api/enrichment/stream/board-a" in line for line in access)
+    assert not any("s3cret" in line for line in access)
+
+    # The index reuses the token kept for this tab.
+    await page.goto(f"{gateway.url}/")
+    row = await page.wait_for_selector('tr[data-bom="board-a"]', timeout=WAIT_MS)
+    assert row is not None
+    assert await row.inner_text() != ""
+    assert await page.inner_text('tr[data-bom="board-a"] .badge') == "Completed"
+    await screenshot(page, "index-desktop.png")
+
+    # A fresh tab without the token is told what it needs, not shown BOMs.
+    context = await browser.new_context()
+    other = await context.new_page()
+    await other.goto(f"{gateway.url}/")
+    await other.wait_for_selector("text=needs the admin token", timeout=WAIT_MS)
+    assert await other.is_hidden("#boms")
+    await context.close()
+
+
+async def test_demo_runs_every_job_to_its_end_and_the_page_shows_the_failed_one(
+    browser: Browser, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    stderr = (tmp_path / "demo.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bomstream", "demo", "--port", "0", "--speed", "15",
+        "--rounds", "1", "--seed", "5",
+        stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not lines or not lines[-1].startswith("Ctrl-C"):
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+            assert line, "demo exited early: " + (tmp_path / "demo.log").read_text()
+            lines.append(line.decode().strip())
+        base = lines[0].split(" gateway on ")[1].split()[0]
+        monitors = [ln.split()[-1] for ln in lines if ln.startswith("monitor:")]
+        assert len(monitors) == len(DEMO_BOMS)
+
+        failing = next(s for s in DEMO_BOMS if s.fail_job_at is not None)
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await page.goto(f"{base}/monitor?bom={failing.bom_id}")
+        await page.wait_for_selector('#status[data-status="failed"]', timeout=WAIT_MS)
+        assert failing.job_error in await page.inner_text("#alert-text")
+        assert await page.get_attribute("#connection", "data-conn") == "closed"
+        await screenshot(page, "monitor-failed-desktop.png")
+
+        # Every job reaches its end: one failure, the rest completed, with
+        # failed and not-found parts along the way.
+        async def listing() -> list[dict[str, Any]]:
+            async with http.get(f"{base}/api/enrichment/boms") as resp:
+                boms: list[dict[str, Any]] = (await resp.json())["boms"]
+                return boms
+
+        boms = await listing()
+        for _ in range(300):
+            if len(boms) == len(DEMO_BOMS) and all(b["terminal"] for b in boms):
+                break
+            await asyncio.sleep(0.1)
+            boms = await listing()
+        ends = Counter(b["event_type"] for b in boms)
+        assert ends == {"enrichment.completed": len(DEMO_BOMS) - 1, "enrichment.failed": 1}
+        assert sum(b["state"]["failed_items"] for b in boms) > 0
+        assert sum(b["state"]["not_found_items"] for b in boms) > 0
+        sizes = {b["state"]["total_items"] for b in boms}
+        assert len(sizes) == len(DEMO_BOMS)
+
+        await page.goto(f"{base}/")
+        await page.wait_for_selector("#boms tbody tr", timeout=WAIT_MS)
+        assert await page.locator("#boms tbody tr").count() == len(DEMO_BOMS)
+        await page.set_viewport_size({"width": 360, "height": 780})
+        await screenshot(page, "index-360.png")
+
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        stderr.close()
