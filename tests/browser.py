@@ -116,3 +116,52 @@ async def screenshot(page: Page, name: str, full_page: bool = True) -> Path:
     path = ARTIFACTS / name
     await page.screenshot(path=str(path), full_page=full_page)
     return path
+
+
+# For every element that shows text: its colour against the first opaque
+# background behind it, as the WCAG contrast ratio.
+CONTRAST_REPORT = """
+() => {
+  const parse = (c) => {
+    const m = c.match(/rgba?\\(([^)]+)\\)/);
+    if (!m) return null;
+    const p = m[1].split(/[ ,\\/]+/).filter(Boolean).map(Number);
+    return { r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1 };
+  };
+  const lum = (c) => {
+    const f = (v) => {
+      v /= 255;
+      return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4);
+    };
+    return 0.2126 * f(c.r) + 0.7152 * f(c.g) + 0.0722 * f(c.b);
+  };
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = parse(getComputedStyle(e).backgroundColor);
+      if (c && c.a > 0.5) return c;
+    }
+    return { r: 255, g: 255, b: 255, a: 1 };
+  };
+  const out = [];
+  for (const el of document.querySelectorAll("body *")) {
+    const text = Array.from(el.childNodes)
+      .filter((n) => n.nodeType === 3)
+      .map((n) => n.textContent)
+      .join("")
+      .trim();
+    if (!text || el.closest("[hidden]") || el.closest(".visually-hidden")) continue;
+    const style = getComputedStyle(el);
+    if (style.display === "none" || style.visibility === "hidden") continue;
+    const fg = parse(style.color);
+    const bg = background(el);
+    const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a);
+    out.push({ text: text.slice(0, 40), ratio: (hi + 0.05) / (lo + 0.05) });
+  }
+  return out;
+}
+"""
+
+
+async def contrast_ratios(page: Page) -> list[dict[str, Any]]:
+    report: list[dict[str, Any]] = await page.evaluate(CONTRAST_REPORT)
+    return report

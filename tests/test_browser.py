@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -25,11 +26,13 @@ from tests.browser import (
     Publisher,
     RequestLog,
     chromium,
+    contrast_ratios,
     feed_line_items,
     screenshot,
     wait_until,
 )
 from tests.conftest import StartGateway
+from tests.proxy import stream_blocking_proxy
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -95,6 +98,9 @@ async def test_monitor_climbs_to_100_percent_and_then_makes_no_more_requests(
     assert await page.get_attribute("#connection", "data-conn") == "closed"
 
     await screenshot(page, "monitor-completed-desktop.png")
+    ratios = await contrast_ratios(page)
+    assert len(ratios) > 20
+    assert [r for r in ratios if r["ratio"] < 4.5] == []
     await page.set_viewport_size({"width": 360, "height": 780})
     overflow = await page.evaluate("document.documentElement.scrollWidth")
     assert overflow <= 360, f"page is {overflow}px wide at a 360px viewport"
@@ -245,6 +251,7 @@ async def test_demo_runs_every_job_to_its_end_and_the_page_shows_the_failed_one(
         assert failing.job_error in await page.inner_text("#alert-text")
         assert await page.get_attribute("#connection", "data-conn") == "closed"
         await screenshot(page, "monitor-failed-desktop.png")
+        assert [r for r in await contrast_ratios(page) if r["ratio"] < 4.5] == []
 
         # Every job reaches its end: one failure, the rest completed, with
         # failed and not-found parts along the way.
@@ -271,6 +278,7 @@ async def test_demo_runs_every_job_to_its_end_and_the_page_shows_the_failed_one(
         assert await page.locator("#boms tbody tr").count() == len(DEMO_BOMS)
         await page.set_viewport_size({"width": 360, "height": 780})
         await screenshot(page, "index-360.png")
+        assert [r for r in await contrast_ratios(page) if r["ratio"] < 4.5] == []
 
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
@@ -279,3 +287,39 @@ async def test_demo_runs_every_job_to_its_end_and_the_page_shows_the_failed_one(
             proc.kill()
             await proc.wait()
         stderr.close()
+
+
+async def test_polling_client_goes_back_to_the_stream_when_a_proxy_lets_it_through(
+    browser: Browser, gateway_factory: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gateway = await gateway_factory(server__heartbeat_s=1)
+    bom = SimulatedBom("board-p", "board-p.csv", 36, batch_size=6)
+    async with stream_blocking_proxy(gateway.url) as proxy:
+        page = await browser.new_page()
+        log = RequestLog()
+        log.attach(page)
+        await page.goto(f"{proxy.url}/monitor?bom={bom.bom_id}&poll_ms=250&sse_retry_ms=800")
+        await page.wait_for_selector('#connection[data-conn="polling"]', timeout=WAIT_MS)
+
+        publisher = Publisher(http, gateway.url)
+        job = asyncio.create_task(run_job(bom, publisher, random.Random(3), speed=1.5))
+        try:
+            await wait_until(page, "Number(document.getElementById('bar').ariaValueNow) >= 20")
+            assert await page.get_attribute("#connection", "data-conn") == "polling"
+            refused = proxy.refused
+            assert refused >= 4  # three before polling, then the periodic retries
+            proxy.block_stream = False
+            await page.wait_for_selector('#connection[data-conn="live"]', timeout=WAIT_MS)
+        finally:
+            await job
+        await page.wait_for_selector('#status[data-status="completed"]', timeout=WAIT_MS)
+
+        # The stream opened where polling left off: no duplicates, no holes.
+        sent_ids = {e["event_id"] for e in publisher.sent}
+        opened = log.to("/api/enrichment/stream/")[refused]
+        resumed_from = parse_qs(urlsplit(opened.url).query)["last_event_id"][0]
+        assert resumed_from in sent_ids
+        assert await feed_line_items(page) == publisher.line_items()[::-1]
+        assert await page.evaluate("window.bomstreamClient.eventCount") == len(publisher.sent)
+        assert await page.is_hidden("#gap")
+        assert await page.evaluate("window.bomstreamClient.mode") == "closed"
