@@ -4,6 +4,7 @@ real listening gateway, fed through the real publish endpoint."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import signal
@@ -11,12 +12,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from aiohttp import web
 from playwright.async_api import Browser, Page
 
 from bomstream.server import RunningGateway
@@ -323,3 +326,66 @@ async def test_polling_client_goes_back_to_the_stream_when_a_proxy_lets_it_throu
         assert await page.evaluate("window.bomstreamClient.eventCount") == len(publisher.sent)
         assert await page.is_hidden("#gap")
         assert await page.evaluate("window.bomstreamClient.mode") == "closed"
+
+
+@pytest.mark.parametrize(
+    ("reason", "reconnects"),
+    [("token_expired", False), ("forbidden", False), ("max_duration", True)],
+)
+async def test_client_stops_on_forbidden_and_token_expired_but_resumes_after_max_duration(
+    browser: Browser, reason: str, reconnects: bool
+) -> None:
+    # The gateway sends forbidden and token_expired only to JWT streams, so a
+    # server that ends every stream with the given reason stands in for it.
+    requests: list[str | None] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        requests.append(request.headers.get("Last-Event-ID"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = len(requests)
+        event = {"event_id": f"e{n}", "event_type": "enrichment.progress", "state": {}}
+        await resp.write(
+            b"retry: 100\n\nevent: connected\ndata: {}\n\n"
+            + f"id: e{n}\nevent: enrichment.progress\ndata: {json.dumps(event)}\n\n".encode()
+            + f'event: stream_end\ndata: {{"type":"stream_end","reason":"{reason}"}}\n\n'.encode()
+        )
+        return resp
+
+    async def page_html(request: web.Request) -> web.Response:
+        script = (resources.files("bomstream") / "static" / "bomstream.js").read_text()
+        return web.Response(
+            text=f"<!doctype html><script>{script}</script>", content_type="text/html"
+        )
+
+    app = web.Application()
+    app.router.add_get("/", page_html)
+    app.router.add_get("/api/enrichment/stream/{bom_id}", stream)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        page = await browser.new_page()
+        await page.goto(f"http://{host}:{port}/")
+        await page.evaluate(
+            """() => {
+              window.errors = [];
+              window.client = BomStream.open({
+                bomId: "b1", onError: (e) => window.errors.push(e.code) });
+            }"""
+        )
+        await wait_until(page, "window.client.eventCount >= 1")
+        await asyncio.sleep(1.5)  # 15 retry intervals
+        mode = await page.evaluate("window.client.mode")
+        errors = await page.evaluate("window.errors")
+        if reconnects:
+            assert len(requests) >= 3
+            assert requests[1:3] == ["e1", "e2"]
+            assert mode == "sse" and errors == []
+        else:
+            assert requests == [None]
+            assert mode == "closed" and errors == [reason]
+    finally:
+        await runner.cleanup()
