@@ -389,3 +389,21 @@ async def test_client_stops_on_forbidden_and_token_expired_but_resumes_after_max
             assert mode == "closed" and errors == [reason]
     finally:
         await runner.cleanup()
+
+
+async def test_monitor_without_a_bom_asks_for_one_and_opens_it(
+    browser: Browser, gateway: RunningGateway
+) -> None:
+    page = await browser.new_page(viewport={"width": 360, "height": 640})
+    log = RequestLog()
+    log.attach(page)
+    await page.goto(f"{gateway.url}/monitor")
+    field = page.get_by_label("BOM id")
+    assert await field.is_visible()
+    assert await page.is_hidden("#monitor")
+    assert log.to("/api/enrichment/") == []
+    await field.fill("bom-from-form")
+    await page.get_by_role("button", name="Open monitor").click()
+    await page.wait_for_selector('#connection[data-conn="live"]', timeout=WAIT_MS)
+    assert await page.inner_text("#bom-id") == "bom-from-form"
+    assert "/api/enrichment/stream/bom-from-form" in log.to("/api/enrichment/stream/")[0].url
