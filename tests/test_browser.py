@@ -169,7 +169,8 @@ async def test_client_falls_back_to_polling_when_the_stream_route_is_refused(
     assert await page.inner_text("#connection-text") == "Polling every 0.25 s"
     fallback_at = time.monotonic()
     # Exactly pollFallbackAfter refused stream attempts before the first poll.
-    assert len(log.to("/api/enrichment/stream/")) == 3
+    first_poll = next(t for t, r in log.entries if "/api/enrichment/events/" in r.url)
+    assert len([r for t, r in log.entries if "/stream/" in r.url and t < first_poll]) == 3
 
     publisher = Publisher(http, gateway.url)
     await run_job(bom, publisher, random.Random(9), speed=1.5)
