@@ -1,4 +1,5 @@
-# bomstream: `make run` starts the gateway on the embedded broker,
+# bomstream: `make run` starts the gateway on the embedded broker, `make demo`
+# adds simulated enrichment jobs to watch in a browser,
 # `make test` sets everything up and runs every check.
 
 PYTHON ?= python3
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/bomstream serve $(ARGS)
+
+demo: $(STAMP)
+	$(BIN)/bomstream demo $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

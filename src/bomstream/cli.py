@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--event-id", help="event_id (default: assigned)")
     pub.add_argument("--url", help="publish through this gateway's HTTP endpoint instead of Redis")
     pub.add_argument("--token", help="token for the HTTP endpoint (default: auth.admin_token)")
+
+    demo = sub.add_parser("demo", help="the gateway plus simulated enrichment jobs to watch")
+    demo.add_argument("--config", metavar="PATH", help="config file (redis.url is ignored)")
+    demo.add_argument("--host", help="server.host")
+    demo.add_argument("--port", type=int, help="server.port")
+    demo.add_argument(
+        "--speed", type=float, default=1.0, help="pace multiplier (2 = twice as fast)"
+    )
+    demo.add_argument("--rounds", type=int, default=0, help="runs of every BOM (0 = until stopped)")
+    demo.add_argument("--seed", type=int, help="random seed, for a repeatable run")
     return parser
 
 
@@ -77,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bomstream.publish_cli import publish_command
 
         return asyncio.run(publish_command(cfg, args))
+    if args.command == "demo":
+        return _demo(cfg, args)
     raise AssertionError(args.command)
 
 
@@ -87,6 +99,25 @@ def _serve(cfg: Config) -> int:
     setup_logging(cfg.server.log_format, cfg.server.log_level)
     try:
         _run(serve(cfg))
+    except OSError as exc:
+        print(
+            f"bomstream: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _demo(cfg: Config, args: argparse.Namespace) -> int:
+    from bomstream.demo import run_demo
+    from bomstream.logs import setup_logging
+
+    if args.speed <= 0 or args.rounds < 0:
+        print("bomstream: --speed must be > 0 and --rounds >= 0", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.server.log_format, cfg.server.log_level)
+    try:
+        _run(run_demo(cfg, speed=args.speed, rounds=args.rounds, seed=args.seed))
     except OSError as exc:
         print(
             f"bomstream: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}",

@@ -22,6 +22,7 @@ from bomstream.http_api import handle_health, handle_metrics, handle_poll, handl
 from bomstream.hub import SERVER_SHUTDOWN, Hub
 from bomstream.logs import FIELDS
 from bomstream.metrics import Metrics
+from bomstream.pages import add_pages
 from bomstream.state import GATEWAY, Gateway
 from bomstream.stream import handle_stream
 
@@ -48,6 +49,7 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_post("/api/enrichment/events/{bom_id}", handle_publish)
     app.router.add_get("/api/enrichment/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
+    add_pages(app)
     app.cleanup_ctx.append(_background_tasks)
     app.on_shutdown.append(_end_streams)
     return app
