@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--event-id", help="event_id (default: assigned)")
     pub.add_argument("--url", help="publish through this gateway's HTTP endpoint instead of Redis")
     pub.add_argument("--token", help="token for the HTTP endpoint (default: auth.admin_token)")
+
+    tok = sub.add_parser("token", help="print an HS256 JWT signed with auth.jwt_secret")
+    _add_config_args(tok)
+    tok.add_argument("--org", required=True, help="organization, placed at auth.org_claim")
+    tok.add_argument("--sub", default="bomstream-dev", help="subject (default: bomstream-dev)")
+    tok.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
+    tok.add_argument("--role", help="role claim; service_role may publish")
     return parser
 
 
@@ -77,7 +84,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bomstream.publish_cli import publish_command
 
         return asyncio.run(publish_command(cfg, args))
+    if args.command == "token":
+        return _token(cfg, args)
     raise AssertionError(args.command)
+
+
+def _token(cfg: Config, args: argparse.Namespace) -> int:
+    from bomstream.jwt_auth import make_token
+
+    if not args.org:
+        print("bomstream: --org must not be empty", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.ttl <= 0:
+        print("bomstream: --ttl must be greater than 0", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        token = make_token(cfg.auth, args.org, subject=args.sub, ttl_s=args.ttl, role=args.role)
+    except ConfigError as exc:
+        print(f"bomstream: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(token)
+    return 0
 
 
 def _serve(cfg: Config) -> int:
@@ -93,6 +120,10 @@ def _serve(cfg: Config) -> int:
             file=sys.stderr,
         )
         return 1
+    except ConfigError as exc:
+        # Key files are read as the app is built.
+        print(f"bomstream: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -25,7 +25,7 @@ MAX_POLL_LIMIT = 1000
 async def handle_publish(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     bom_id = checked_bom_id(request)
-    principal = gw.auth.authenticate(request)
+    principal = gw.auth.authenticate(request, publish=True)
     if not principal.can_publish:
         raise ApiError(403, "forbidden", "this token may not publish events")
     max_bytes = gw.cfg.limits.max_event_bytes
@@ -41,6 +41,11 @@ async def handle_publish(request: web.Request) -> web.Response:
         gw.metrics.events_dropped.labels(exc.code).inc()
         gw.http_drops.drop(exc.code)
         raise ApiError(exc.status, exc.code, exc.message) from None
+    if principal.org is not None and event.org != principal.org:
+        # A service token scoped to one org publishes for that org alone.
+        raise ApiError(
+            403, "forbidden", "this token may only publish its own organization's events"
+        )
     try:
         await gw.broker.publish(event)
     except (RedisError, OSError) as exc:
@@ -62,7 +67,7 @@ def _parse_limit(text: str | None) -> int:
 async def handle_poll(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     bom_id = checked_bom_id(request)
-    principal = gw.auth.authenticate(request)
+    principal = await gw.auth.authenticate_reader(request, bom_id)
     limit = _parse_limit(request.query.get("limit"))
     after = request.query.get("after") or None
     owner = gw.hub.owner(bom_id)
