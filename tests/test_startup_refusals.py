@@ -70,3 +70,11 @@ def test_es256_key_cannot_be_configured_for_rs256(tmp_path: Path) -> None:
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
+
+
+def test_a_mistyped_secret_is_not_repeated_in_the_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[auth]\nadmin_token = 918273645546372819\n")
+    out = run_cli("serve", "--config", str(cfg))
+    assert_refused(out.returncode, out.stderr, out.stdout, "auth.admin_token", "expected a string")
+    assert "918273645546372819" not in out.stderr

@@ -111,7 +111,12 @@ def _serve(cfg: Config) -> int:
     from bomstream.logs import setup_logging
     from bomstream.server import serve
 
-    setup_logging(cfg.server.log_format, cfg.server.log_level)
+    a = cfg.auth
+    setup_logging(
+        cfg.server.log_format,
+        cfg.server.log_level,
+        secrets=(a.admin_token, a.jwt_secret, cfg.metrics.token),
+    )
     try:
         _run(serve(cfg))
     except OSError as exc:
