@@ -172,3 +172,58 @@ async def test_admin_stream_has_no_expiry(
         for _ in range(3):
             frame = await s.next(timeout=5)
             assert frame is not None and frame.comments == ["keepalive"]
+
+
+async def test_late_jwt_joiner_after_a_terminal_event_it_may_not_see_gets_stream_end(
+    gateway_factory: StartGateway, redis_server: RedisProcess, http: aiohttp.ClientSession
+) -> None:
+    gw = await redis_gateway(gateway_factory, redis_server)
+    worker_publish(redis_server, "bom-a", progress("bom-a", 1, organization_id="org-a"))
+    worker_publish(redis_server, "bom-a", {"event_id": "f", "event_type": "enrichment.failed"})
+    await wait_held(gw, "bom-a", 2)
+    token = org_token("org-a")
+    async with open_stream(http, gw.url, "bom-a", token=token) as s:
+        frames = await s.events_until_end()
+    assert [f.event for f in frames] == ["connected", "enrichment.progress", "stream_end"]
+    assert frames[-1].json()["reason"] == "enrichment.failed"
+    # Holding the last event it may see of a finished run: nothing more will come.
+    async with open_stream(
+        http, gw.url, "bom-a", token=token, last_event_id="bom-a-e1", expect=204
+    ):
+        pass
+
+
+async def test_jwt_reconnect_after_invisible_events_and_terminal_gets_stream_end(
+    gateway_factory: StartGateway, redis_server: RedisProcess, http: aiohttp.ClientSession
+) -> None:
+    gw = await redis_gateway(gateway_factory, redis_server)
+    worker_publish(redis_server, "bom-a", progress("bom-a", 1, organization_id="org-a"))
+    worker_publish(redis_server, "bom-a", progress("bom-a", 2, organization_id="org-a"))
+    worker_publish(redis_server, "bom-a", progress("bom-a", 3))
+    worker_publish(redis_server, "bom-a", {"event_id": "f", "event_type": "enrichment.failed"})
+    await wait_held(gw, "bom-a", 4)
+    async with open_stream(
+        http, gw.url, "bom-a", token=org_token("org-a"), last_event_id="bom-a-e1"
+    ) as s:
+        frames = await s.events_until_end()
+    assert [f.id for f in frames] == [None, "bom-a-e2", None]
+    assert frames[0].json()["resumed"] is True
+    assert frames[-1].json() == {"type": "stream_end", "reason": "enrichment.failed"}
+
+
+async def test_jwt_reconnect_across_an_invisible_terminal_into_a_new_run_stays_open(
+    gateway_factory: StartGateway, redis_server: RedisProcess, http: aiohttp.ClientSession
+) -> None:
+    gw = await redis_gateway(gateway_factory, redis_server)
+    worker_publish(redis_server, "bom-a", progress("bom-a", 1, organization_id="org-a"))
+    worker_publish(redis_server, "bom-a", {"event_id": "f", "event_type": "enrichment.failed"})
+    started = {"event_id": "run2", "event_type": "enrichment.started", "organization_id": "org-a"}
+    worker_publish(redis_server, "bom-a", started)
+    await wait_held(gw, "bom-a", 3)
+    async with open_stream(
+        http, gw.url, "bom-a", token=org_token("org-a"), last_event_id="bom-a-e1"
+    ) as s:
+        assert (await s.next_event()).json()["resumed"] is True
+        assert (await s.next_event()).id == "run2"
+        worker_publish(redis_server, "bom-a", progress("bom-a", 2, organization_id="org-a"))
+        assert (await s.next_event()).id == "bom-a-e2"
