@@ -227,3 +227,30 @@ async def test_jwt_reconnect_across_an_invisible_terminal_into_a_new_run_stays_o
         assert (await s.next_event()).id == "run2"
         worker_publish(redis_server, "bom-a", progress("bom-a", 2, organization_id="org-a"))
         assert (await s.next_event()).id == "bom-a-e2"
+
+
+async def test_poll_reports_terminal_when_the_run_ended_with_an_event_it_may_not_see(
+    gateway_factory: StartGateway, redis_server: RedisProcess, http: aiohttp.ClientSession
+) -> None:
+    gw = await redis_gateway(gateway_factory, redis_server)
+    worker_publish(redis_server, "bom-a", progress("bom-a", 1, organization_id="org-a"))
+    worker_publish(redis_server, "bom-a", progress("bom-a", 2, organization_id="org-a"))
+    await wait_held(gw, "bom-a", 2)
+    token = org_token("org-a")
+    status, body = await poll(http, gw, "bom-a", token)
+    assert (status, body["terminal"]) == (200, False)
+    worker_publish(redis_server, "bom-a", {"event_id": "f", "event_type": "enrichment.failed"})
+    await wait_held(gw, "bom-a", 3)
+    async with http.get(
+        f"{gw.url}/api/enrichment/events/bom-a?limit=1",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as resp:
+        first_page = await resp.json()
+    assert [e["event_id"] for e in first_page["events"]] == ["bom-a-e1"]
+    assert first_page["terminal"] is False
+    status, body = await poll(http, gw, "bom-a", token)
+    assert [e["event_id"] for e in body["events"]] == ["bom-a-e1", "bom-a-e2"]
+    assert body["terminal"] is True
+    status, body = await poll(http, gw, "bom-a", ADMIN)
+    assert [e["event_id"] for e in body["events"]] == ["bom-a-e1", "bom-a-e2", "f"]
+    assert body["terminal"] is True

@@ -74,7 +74,8 @@ async def handle_poll(request: web.Request) -> web.Response:
     if principal.org is not None and owner is not None and owner != principal.org:
         raise ApiError(403, "forbidden", "this BOM belongs to another organization")
     org = principal.org
-    visible: list[Event] = [e for e in gw.hub.held(bom_id) if org is None or e.org == org]
+    held = gw.hub.held(bom_id)
+    visible: list[Event] = [e for e in held if org is None or e.org == org]
     start = 0
     resumed = False
     if after is not None:
@@ -86,7 +87,9 @@ async def handle_poll(request: web.Request) -> web.Response:
     latest = visible[-1] if visible else None
     state = orjson.loads(latest.data).get("state") if latest is not None else None
     last_id = page[-1].event_id if page else after
-    terminal = latest is not None and latest.terminal and last_id == latest.event_id
+    # The run is over when the BOM's last event is terminal, even one this
+    # caller may not see; the page is final when nothing visible follows it.
+    terminal = bool(held) and held[-1].terminal and start + len(page) >= len(visible)
     body = {
         "bom_id": bom_id,
         "state": state,
