@@ -12,7 +12,7 @@ from bomstream.server import RunningGateway
 from bomstream.tickets import MemoryTicketStore
 from tests.authkit import ADMIN, SECRET, claims, hs256, org_token
 from tests.conftest import StartGateway, progress, publish
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisProcess, free_port
 from tests.sse import SSEStream
 from tests.test_redis_feed import wait_health
 
@@ -178,3 +178,18 @@ async def test_memory_store_forgets_expired_tickets() -> None:
     await asyncio.sleep(0.1)
     await store.issue("bom-a", ADMIN_PRINCIPAL)
     assert len(store) == 1
+
+
+async def test_with_redis_down_tickets_get_503_with_retry_after(
+    gateway_factory: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    gw = await auth_gateway(gateway_factory, redis__url=dead)
+    async with http.post(
+        gw.url + TICKETS, json={"bom_id": "bom-a"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    ) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"].isdigit()
+        assert (await resp.json())["code"] == "ticket_store_unavailable"
+    async with http.get(f"{gw.url}/api/enrichment/events/bom-a?ticket=whatever") as resp:
+        assert resp.status == 503
