@@ -277,3 +277,12 @@ def test_cli_token_without_secret_exits_2_with_one_line(tmp_path: Path) -> None:
     assert out.stdout == ""
     assert out.stderr.count("\n") == 1
     assert "auth.jwt_secret" in out.stderr
+
+
+async def test_a_jwk_that_names_its_algorithm_is_used_for_that_one_only(
+    gateway_factory: StartGateway, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    pss = rsa_pair("pss")
+    gw = await gateway_factory(auth__jwks_file=write_jwks(tmp_path / "j.json", [pss.jwk("PS256")]))
+    assert await status_of(http, gw.url + STREAM, signed(claims(), pss, "PS256")) == 200
+    assert await status_of(http, gw.url + STREAM, signed(claims(), pss, "RS256")) == 401

@@ -151,16 +151,12 @@ class JwtVerifier:
     def enabled(self) -> bool:
         return bool(self.algorithms)
 
-    def _public_keys(self) -> list[PublicKey]:
-        keys = [k.key for k in self._jwks]
-        if self._pem is not None:
-            keys.append(self._pem)
-        return keys
-
     def _has_key_for(self, alg: str) -> bool:
         if alg in HMAC_ALGORITHMS:
             return bool(self._secret)
-        return any(_fits(alg, k) for k in self._public_keys())
+        if self._pem is not None and _fits(alg, self._pem):
+            return True
+        return any(_fits(alg, k.key) and k.alg in (None, alg) for k in self._jwks)
 
     def _algorithms(self, configured: tuple[str, ...]) -> frozenset[str]:
         if configured:
@@ -176,8 +172,14 @@ class JwtVerifier:
         derived = set()
         if self._secret:
             derived.add("HS256")
-        for key in self._public_keys():
-            if isinstance(key, rsa.RSAPublicKey):
+        named: list[tuple[str | None, PublicKey]] = [(k.alg, k.key) for k in self._jwks]
+        if self._pem is not None:
+            named.append((None, self._pem))
+        for key_alg, key in named:
+            if key_alg is not None and key_alg in SUPPORTED_ALGORITHMS and _fits(key_alg, key):
+                # A JWK that names its algorithm is used for that one alone.
+                derived.add(key_alg)
+            elif isinstance(key, rsa.RSAPublicKey):
                 derived.add("RS256")
             else:
                 derived.update(a for a in EC_CURVES if _fits(a, key))
