@@ -148,7 +148,7 @@ async def test_jwt_stream_ends_with_token_expired_when_exp_passes(
     gateway_factory: StartGateway, redis_server: RedisProcess, http: aiohttp.ClientSession
 ) -> None:
     gw = await redis_gateway(gateway_factory, redis_server, auth__leeway_s=0)
-    token = hs256(claims("org-a", ttl=2))
+    token = hs256(claims("org-a", ttl=3))
     async with open_stream(http, gw.url, "bom-a", token=token) as s:
         await s.next_event()
         worker_publish(redis_server, "bom-a", progress("bom-a", 1, organization_id="org-a"))

@@ -134,7 +134,7 @@ async def test_ticket_stream_still_ends_when_the_issuing_token_expires(
     gateway_factory: StartGateway, http: aiohttp.ClientSession
 ) -> None:
     gw = await auth_gateway(gateway_factory, auth__leeway_s=0)
-    token = hs256(claims("org-a", ttl=2))
+    token = hs256(claims("org-a", ttl=3))
     ticket = (await get_ticket(http, gw, "bom-a", token))["ticket"]
     async with http.get(stream_url(gw, "bom-a", ticket)) as resp:
         frames = await SSEStream(resp).events_until_end(timeout=10)
