@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--rounds", type=int, default=0, help="runs of every BOM (0 = until stopped)")
     demo.add_argument("--seed", type=int, help="random seed, for a repeatable run")
+    tok = sub.add_parser("token", help="print an HS256 JWT signed with auth.jwt_secret")
+    _add_config_args(tok)
+    tok.add_argument("--org", required=True, help="organization, placed at auth.org_claim")
+    tok.add_argument("--sub", default="bomstream-dev", help="subject (default: bomstream-dev)")
+    tok.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
+    tok.add_argument("--role", help="role claim; service_role may publish")
     return parser
 
 
@@ -89,14 +95,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(publish_command(cfg, args))
     if args.command == "demo":
         return _demo(cfg, args)
+    if args.command == "token":
+        return _token(cfg, args)
     raise AssertionError(args.command)
+
+
+def _token(cfg: Config, args: argparse.Namespace) -> int:
+    from bomstream.jwt_auth import make_token
+
+    if not args.org:
+        print("bomstream: --org must not be empty", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.ttl <= 0:
+        print("bomstream: --ttl must be greater than 0", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        token = make_token(cfg.auth, args.org, subject=args.sub, ttl_s=args.ttl, role=args.role)
+    except ConfigError as exc:
+        print(f"bomstream: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(token)
+    return 0
 
 
 def _serve(cfg: Config) -> int:
     from bomstream.logs import setup_logging
     from bomstream.server import serve
 
-    setup_logging(cfg.server.log_format, cfg.server.log_level)
+    a = cfg.auth
+    setup_logging(
+        cfg.server.log_format,
+        cfg.server.log_level,
+        secrets=(a.admin_token, a.jwt_secret, cfg.metrics.token),
+    )
     try:
         _run(serve(cfg))
     except OSError as exc:
@@ -105,6 +136,10 @@ def _serve(cfg: Config) -> int:
             file=sys.stderr,
         )
         return 1
+    except ConfigError as exc:
+        # Key files are read as the app is built.
+        print(f"bomstream: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

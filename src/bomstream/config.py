@@ -21,6 +21,8 @@ from bomstream.events import EVENT_TYPE_RE
 
 ENV_PREFIX = "BOMSTREAM_"
 DEFAULT_CONFIG_FILE = "config.toml"
+# Credentials: a config error about one of these never repeats its value.
+SECRET_KEYS = frozenset({"auth.admin_token", "auth.jwt_secret", "metrics.token"})
 DEFAULT_TERMINAL_TYPES = ("enrichment.completed", "enrichment.failed", "enrichment.error")
 
 
@@ -147,6 +149,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{name}: expected a list of strings, got {_describe(value)}")
+    if name in SECRET_KEYS:
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got a {type(value).__name__}")
     raise ConfigError(f"{name}: expected {_type_name(tp)}, got {_describe(value)}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 import time
 from collections.abc import Collection
@@ -22,6 +23,10 @@ EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 BOM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _UNSAFE_ID_CHARS = re.compile(r"[\r\n\x00]")
 MAX_EVENT_ID_LEN = 128
+# orjson reads an integer beyond 64 bits as a float, silently losing digits.
+# A run of 19+ digits is the only way to write one, so only then is the body
+# parsed again by the standard library, which keeps integers exact.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 class EventRejected(ValueError):
@@ -108,6 +113,11 @@ def parse_event(
         raise EventRejected("invalid_json", "event body is not valid JSON") from None
     if not isinstance(obj, dict):
         raise EventRejected("not_an_object", "event must be a JSON object")
+    if _LONG_DIGITS.search(raw) is not None:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise EventRejected("invalid_json", "event body has a number out of range") from None
     event_type = obj.get("event_type")
     if not isinstance(event_type, str) or EVENT_TYPE_RE.fullmatch(event_type) is None:
         raise EventRejected(
@@ -145,7 +155,12 @@ def encode_event(
 ) -> Event:
     # orjson escapes every control character inside strings, so the JSON is
     # one line and cannot end the ``data:`` field early.
-    data = orjson.dumps(obj)
+    try:
+        data = orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        # Integers beyond 64 bits; the standard library escapes control
+        # characters too, so this is still one line.
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
     head = b"id: " + event_id.encode() + b"\nevent: " + event_type.encode() + b"\ndata: "
     frame = head + data + b"\n\n"
     prefix = b"%x\r\n" % len(frame)

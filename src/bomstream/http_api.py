@@ -25,7 +25,7 @@ MAX_POLL_LIMIT = 1000
 async def handle_publish(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     bom_id = checked_bom_id(request)
-    principal = gw.auth.authenticate(request)
+    principal = gw.auth.authenticate(request, publish=True)
     if not principal.can_publish:
         raise ApiError(403, "forbidden", "this token may not publish events")
     max_bytes = gw.cfg.limits.max_event_bytes
@@ -41,6 +41,11 @@ async def handle_publish(request: web.Request) -> web.Response:
         gw.metrics.events_dropped.labels(exc.code).inc()
         gw.http_drops.drop(exc.code)
         raise ApiError(exc.status, exc.code, exc.message) from None
+    if principal.org is not None and event.org != principal.org:
+        # A service token scoped to one org publishes for that org alone.
+        raise ApiError(
+            403, "forbidden", "this token may only publish its own organization's events"
+        )
     try:
         await gw.broker.publish(event)
     except (RedisError, OSError) as exc:
@@ -62,14 +67,15 @@ def _parse_limit(text: str | None) -> int:
 async def handle_poll(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     bom_id = checked_bom_id(request)
-    principal = gw.auth.authenticate(request)
+    principal = await gw.auth.authenticate_reader(request, bom_id)
     limit = _parse_limit(request.query.get("limit"))
     after = request.query.get("after") or None
     owner = gw.hub.owner(bom_id)
     if principal.org is not None and owner is not None and owner != principal.org:
         raise ApiError(403, "forbidden", "this BOM belongs to another organization")
     org = principal.org
-    visible: list[Event] = [e for e in gw.hub.held(bom_id) if org is None or e.org == org]
+    held = gw.hub.held(bom_id)
+    visible: list[Event] = [e for e in held if org is None or e.org == org]
     start = 0
     resumed = False
     if after is not None:
@@ -81,7 +87,9 @@ async def handle_poll(request: web.Request) -> web.Response:
     latest = visible[-1] if visible else None
     state = orjson.loads(latest.data).get("state") if latest is not None else None
     last_id = page[-1].event_id if page else after
-    terminal = latest is not None and latest.terminal and last_id == latest.event_id
+    # The run is over when the BOM's last event is terminal, even one this
+    # caller may not see; the page is final when nothing visible follows it.
+    terminal = bool(held) and held[-1].terminal and start + len(page) >= len(visible)
     body = {
         "bom_id": bom_id,
         "state": state,

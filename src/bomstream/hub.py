@@ -280,8 +280,16 @@ class Hub:
         if principal.org is not None and ch.owner is not None and ch.owner != principal.org:
             return "forbidden"
         if last_event_id is not None:
-            latest = self._latest_visible(ch, principal.org)
-            if latest is not None and latest.terminal and latest.event_id == last_event_id:
+            anchor = ch.buffer.get(last_event_id)
+            latest = ch.buffer.latest
+            # Finished when the run is over and the client holds everything of
+            # it that it may see (the terminal event itself may be invisible).
+            if (
+                anchor is not None
+                and latest is not None
+                and latest.terminal
+                and not any(_visible(e, principal.org) for e in ch.buffer.after(anchor))
+            ):
                 return "finished"
         return "ok"
 
@@ -313,17 +321,24 @@ class Hub:
                 self._metrics.replay.labels("hit" if anchor else "miss").inc()
             if anchor is not None:
                 resumed = True
-                catchup = [e for e in ch.buffer.after(anchor) if _visible(e, org)]
+                catchup = list(ch.buffer.after(anchor))
             else:
                 latest = self._latest_visible(ch, org)
                 if latest is not None:
                     catchup = [latest]
+                if ch.buffer.latest is not None and ch.buffer.latest is not latest:
+                    # An invisible terminal event still ends the run for this stream.
+                    catchup.append(ch.buffer.latest)
         end_reason: str | None = None
+        # A terminal event this stream may not see still ends it, unless the
+        # stream has visible events after it (a new run has begun).
+        last_visible = max((i for i, e in enumerate(catchup) if _visible(e, org)), default=-1)
         for i, ev in enumerate(catchup):
-            if ev.terminal:
+            if ev.terminal and (i > last_visible or _visible(ev, org)):
                 catchup = catchup[: i + 1]
                 end_reason = ev.event_type
                 break
+        catchup = [e for e in catchup if _visible(e, org)]
         parts = [self._retry_chunk, chunk(connected_frame(bom_id, resumed))]
         parts.extend(e.chunk for e in catchup)
         if end_reason is not None:

@@ -7,15 +7,22 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
+
+from bomstream.redact import Redactor
 
 # Fields a log call may attach with ``extra={"fields": {...}}``.
 FIELDS = "fields"
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        super().__init__()
+        self._redactor = redactor or Redactor()
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": round(record.created, 3),
@@ -28,19 +35,20 @@ class JsonFormatter(logging.Formatter):
             out.update(fields)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return self._redactor.redact(orjson.dumps(out, default=str).decode())
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
+    def __init__(self, redactor: Redactor | None = None) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._redactor = redactor or Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = getattr(record, FIELDS, None)
         if isinstance(fields, dict) and fields:
             line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
-        return line
+        return self._redactor.redact(line)
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.:/*+@%=,\[\]{}'-]*")
@@ -54,9 +62,15 @@ def _text_value(value: object) -> str:
     return orjson.dumps(text).decode()
 
 
-def setup_logging(fmt: str, level: str) -> None:
+def make_formatter(fmt: str, secrets: Iterable[str] = ()) -> logging.Formatter:
+    """``secrets``: configured credentials, redacted wherever they turn up."""
+    redactor = Redactor(secrets)
+    return JsonFormatter(redactor) if fmt == "json" else TextFormatter(redactor)
+
+
+def setup_logging(fmt: str, level: str, secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(make_formatter(fmt, secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

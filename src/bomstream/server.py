@@ -17,6 +17,7 @@ from bomstream.broker import Broker
 from bomstream.broker_memory import MemoryBroker
 from bomstream.broker_redis import RedisBroker
 from bomstream.config import Config
+from bomstream.cors import setup_cors
 from bomstream.errors import error_middleware
 from bomstream.http_api import handle_health, handle_metrics, handle_poll, handle_publish
 from bomstream.hub import SERVER_SHUTDOWN, Hub
@@ -25,6 +26,8 @@ from bomstream.metrics import Metrics
 from bomstream.pages import add_pages
 from bomstream.state import GATEWAY, Gateway
 from bomstream.stream import handle_stream
+from bomstream.ticket_api import handle_ticket
+from bomstream.tickets import make_ticket_store
 
 log = logging.getLogger("bomstream.server")
 
@@ -37,16 +40,21 @@ def make_app(cfg: Config) -> web.Application:
     metrics = Metrics()
     hub = Hub(cfg, metrics)
     broker: Broker = RedisBroker(cfg, hub, metrics) if cfg.redis.url else MemoryBroker(hub)
-    gw = Gateway(cfg=cfg, hub=hub, broker=broker, metrics=metrics, auth=Authenticator(cfg, metrics))
+    tickets = make_ticket_store(cfg.redis.url, cfg.auth.ticket_ttl_s)
+    auth = Authenticator(cfg, metrics, tickets)
+    gw = Gateway(cfg=cfg, hub=hub, broker=broker, metrics=metrics, auth=auth)
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=cfg.limits.max_event_bytes + BODY_SLACK,
     )
     app[GATEWAY] = gw
+    browser_routes = []
     if not cfg.server.disable_stream:
-        app.router.add_get("/api/enrichment/stream/{bom_id}", handle_stream)
-    app.router.add_get("/api/enrichment/events/{bom_id}", handle_poll)
-    app.router.add_post("/api/enrichment/events/{bom_id}", handle_publish)
+        browser_routes.append(app.router.add_get("/api/enrichment/stream/{bom_id}", handle_stream))
+    browser_routes.append(app.router.add_get("/api/enrichment/events/{bom_id}", handle_poll))
+    browser_routes.append(app.router.add_post("/api/enrichment/events/{bom_id}", handle_publish))
+    browser_routes.append(app.router.add_post("/api/enrichment/tickets", handle_ticket))
+    setup_cors(app, cfg.cors, browser_routes)
     app.router.add_get("/api/enrichment/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     add_pages(app)
@@ -69,6 +77,7 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await gw.broker.close()
+    await gw.auth.tickets.close()
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -54,7 +54,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     bom_id = checked_bom_id(request)
     try:
-        principal = gw.auth.authenticate(request)
+        principal = await gw.auth.authenticate_reader(request, bom_id)
     except ApiError as err:
         gw.metrics.streams_opened.labels(str(err.status)).inc()
         raise
