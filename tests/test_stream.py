@@ -26,7 +26,8 @@ async def test_stream_starts_with_retry_then_connected(
         assert await resp.content.readline() == b"event: connected\n"
         data = await resp.content.readline()
         assert data == (
-            b'data: {"type":"connected","bom_id":"bom-a","message":"Stream connected","resumed":false}\n'
+            b'data: {"type":"connected","bom_id":"bom-a",'
+            b'"message":"Stream connected","resumed":false}\n'
         )
 
 
