@@ -257,6 +257,9 @@ class RedisBroker:
                 self._cfg.redis.url, socket_connect_timeout=CONNECT_TIMEOUT_S
             )
         await self._publisher.publish(self._prefix + event.bom_id.encode(), event.data)
+        # Counted here as taken in over HTTP; it is counted again as "redis" by
+        # every instance (this one included) when it comes back through the feed.
+        self._metrics.events_received.labels("http").inc()
 
     async def close(self) -> None:
         if self._publisher is not None:
