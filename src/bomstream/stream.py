@@ -52,7 +52,11 @@ def _refuse(gw: Gateway, status: int, code: str, message: str, retry: bool = Fal
 
 async def handle_stream(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    bom_id = checked_bom_id(request)
+    try:
+        bom_id = checked_bom_id(request)
+    except ApiError as err:
+        gw.metrics.streams_opened.labels(str(err.status)).inc()
+        raise
     try:
         principal = gw.auth.authenticate(request)
     except ApiError as err:
@@ -78,6 +82,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     if access == "finished":
         # EventSource stops reconnecting for good on 204.
         gw.metrics.streams_opened.labels("204").inc()
+        gw.metrics.replay.labels("hit").inc()
         return web.Response(status=204)
 
     resp = web.StreamResponse(headers=SSE_HEADERS)
@@ -88,6 +93,18 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     opened = hub.open(bom_id, principal, after, transport)
     transport.write(opened.initial)
     gw.metrics.streams_opened.labels("ok").inc()
+    log.info(
+        "stream opened",
+        extra={
+            FIELDS: {
+                "bom_id": bom_id,
+                "org": principal.org or "*",
+                "auth": principal.kind,
+                "resumed": opened.resumed,
+                "catchup_events": opened.catchup_events,
+            }
+        },
+    )
     sub = opened.sub
     started = time.monotonic()
     reason: str | None = opened.end_reason
