@@ -1,4 +1,4 @@
-"""The ``bomstream`` command: serve, publish, token, loadtest, demo."""
+"""The ``bomstream`` command: serve, publish, health, token, loadtest, demo."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--event-id", help="event_id (default: assigned)")
     pub.add_argument("--url", help="publish through this gateway's HTTP endpoint instead of Redis")
     pub.add_argument("--token", help="token for the HTTP endpoint (default: auth.admin_token)")
+
+    health = sub.add_parser("health", help="exit 0 if the gateway answers its health check")
+    _add_config_args(health)
+    health.add_argument("--url", help="health URL (default: from server.host and server.port)")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     return parser
 
 
@@ -77,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bomstream.publish_cli import publish_command
 
         return asyncio.run(publish_command(cfg, args))
+    if args.command == "health":
+        from bomstream.healthcheck import health_command
+
+        return health_command(cfg, args.url, args.timeout)
     raise AssertionError(args.command)
 
 
