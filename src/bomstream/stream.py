@@ -7,6 +7,7 @@ itself only waits for the stream to end and logs one line when it does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -111,7 +112,9 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     sent = opened.catchup_events
     try:
         if sub is not None:
-            reason = await sub.done
+            # Shielded: a client disconnect cancels this handler, and must not
+            # cancel the future the hub resolves with the reason.
+            reason = await asyncio.shield(sub.done)
     finally:
         if sub is not None:
             hub.detach(sub)
