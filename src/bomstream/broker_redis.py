@@ -20,6 +20,7 @@ import random
 import ssl
 import time
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -89,8 +90,9 @@ class _FeedProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's TCP transport does not
+        # derive from asyncio.Transport, and `bomstream serve` runs on uvloop.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -187,7 +189,7 @@ class RedisBroker:
                 if failures == 0:
                     log.warning(
                         "redis feed lost: %s",
-                        exc or type(exc).__name__,
+                        str(exc) or type(exc).__name__,
                         extra={FIELDS: {"redis": self._target.display}},
                     )
                 failures += 1

@@ -1,0 +1,102 @@
+"""A gateway as its own process (``python -m bomstream serve``), configured the way
+an operator does it: through ``BOMSTREAM_*`` environment variables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.redis_proc import free_port
+
+HEALTH = "/api/enrichment/health"
+
+
+class GatewayProcess:
+    def __init__(self, *extra_args: str, **settings: Any) -> None:
+        """``settings`` are config keys as ``server_heartbeat_s=0.2`` (section_key)."""
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="bomstream-gw-"))
+        self.log_path = self.dir / "gateway.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BOMSTREAM_")}
+        self.env.update(
+            {
+                "BOMSTREAM_SERVER_HOST": "127.0.0.1",
+                "BOMSTREAM_SERVER_PORT": str(self.port),
+                "BOMSTREAM_SERVER_ACCESS_LOG": "false",
+            }
+        )
+        for key, value in settings.items():
+            self.env[f"BOMSTREAM_{key.upper()}"] = str(value)
+        self.args = [sys.executable, "-m", "bomstream", "serve", *extra_args]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        with open(self.log_path, "ab") as log:
+            # cwd is an empty directory, so no ./config.toml is picked up.
+            self.proc = subprocess.Popen(
+                self.args, cwd=self.dir, env=self.env, stdout=log, stderr=log
+            )
+        return self.proc
+
+    async def start(self, session: aiohttp.ClientSession, timeout: float = 15.0) -> None:
+        """Start and wait until the health check answers 200 (Redis subscribed)."""
+        self.spawn()
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.log_text()}")
+            try:
+                async with session.get(self.url + HEALTH) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"gateway not healthy after {timeout}s: {self.log_text()}")
+
+    async def health(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        async with session.get(self.url + HEALTH) as resp:
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        """Wait for the process to exit without blocking the event loop."""
+        assert self.proc is not None
+        proc = self.proc
+        return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def json_log(self) -> list[dict[str, Any]]:
+        """Every log line parsed as JSON (fails on any line that is not)."""
+        return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]

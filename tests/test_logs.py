@@ -1,0 +1,117 @@
+"""Structured logs of a real gateway process: JSON lines, one per stream open and
+close, Redis and dropped-input lines, and never a token or an event's payload."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import aiohttp
+
+from tests.conftest import open_stream, progress, publish
+from tests.gateway_proc import GatewayProcess
+from tests.redis_proc import RedisProcess
+from tests.waiting import eventually
+
+ADMIN = "adm-7f3c9e1b-never-logged"
+WRONG = "wrong-token-5d2a-never-logged"
+MARKER = "payload-marker-91b4-never-logged"
+
+
+async def test_json_log_lines_describe_streams_and_never_hold_tokens_or_payloads(
+    redis_server: RedisProcess, http: aiohttp.ClientSession
+) -> None:
+    gw = GatewayProcess(
+        "--log-format",
+        "json",
+        redis_url=redis_server.url,
+        auth_admin_token=ADMIN,
+        server_access_log="true",
+    )
+    try:
+        await gw.start(http)
+        url = f"{gw.url}/api/enrichment/stream/bom-l?token={ADMIN}"
+        async with http.get(url) as resp:
+            assert resp.status == 200
+            from tests.sse import SSEStream
+
+            s = SSEStream(resp)
+            assert (await s.next_event()).event == "connected"
+            for n in range(1, 11):
+                event = progress("bom-l", n, payload={"secret": MARKER}, state={"note": MARKER})
+                redis_server.publish("enrichment:bom-l", json.dumps(event))
+            redis_server.publish("enrichment:bom-l", "{" + MARKER)
+            await publish(
+                http, gw.url, "bom-l", progress("bom-l", 11, payload={"m": MARKER}), token=ADMIN
+            )
+            ids = [(await s.next_event()).id for _ in range(11)]
+            assert ids == [f"bom-l-e{n}" for n in range(1, 12)]
+        async with open_stream(http, gw.url, "bom-l", token=WRONG, expect=401):
+            pass
+        async with http.get(f"{gw.url}/api/enrichment/events/bom-l?limit=2&token={ADMIN}") as r:
+            assert r.status == 200
+
+        def closed_lines() -> list[dict[str, object]]:
+            return [line for line in gw.json_log() if line["msg"] == "stream closed"]
+
+        async def probe() -> list[dict[str, object]]:
+            return closed_lines()
+
+        await eventually(probe, bool)
+        gw.signal(signal.SIGTERM)
+        assert await gw.wait(timeout=10) == 0
+
+        text = gw.log_text()
+        lines = gw.json_log()  # every line is one JSON object
+        assert ADMIN not in text
+        assert WRONG not in text
+        assert MARKER not in text
+        # Nothing per event at info: no event id shows up in any line.
+        assert "bom-l-e" not in text
+        assert {line["level"] for line in lines} <= {"info", "warning"}
+
+        by_msg: dict[str, list[dict[str, object]]] = {}
+        for line in lines:
+            by_msg.setdefault(str(line["msg"]), []).append(line)
+        (opened,) = by_msg["stream opened"]
+        assert opened["bom_id"] == "bom-l"
+        assert opened["org"] == "*"
+        assert opened["auth"] == "admin"
+        assert opened["resumed"] is False
+        (closed,) = by_msg["stream closed"]
+        assert closed["bom_id"] == "bom-l"
+        assert closed["reason"] == "client_disconnected"
+        assert closed["events_sent"] == 11
+        assert isinstance(closed["duration_s"], float)
+        assert by_msg["redis feed subscribed"][0]["redis"] == f"127.0.0.1:{redis_server.port}"
+        drops = by_msg["dropped 1 bad events from redis"]
+        assert drops[0]["reasons"] == {"invalid_json": 1}
+        polls = [line for line in by_msg["request"] if "/events/" in str(line["path"])]
+        assert [line["path"] for line in polls if line["method"] == "GET"] == [
+            "/api/enrichment/events/bom-l?limit=2&token=%5Bredacted%5D"
+        ]
+        assert by_msg["bomstream stopped"]
+    finally:
+        gw.close()
+
+
+async def test_text_log_is_the_default_and_carries_the_same_fields(
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = GatewayProcess()
+    try:
+        await gw.start(http)
+        async with open_stream(http, gw.url, "bom-t") as s:
+            assert (await s.next_event()).event == "connected"
+        gw.signal(signal.SIGTERM)
+        assert await gw.wait(timeout=10) == 0
+        text = gw.log_text()
+        opened = [line for line in text.splitlines() if "stream opened" in line]
+        assert len(opened) == 1
+        assert "bom_id=bom-t" in opened[0]
+        assert "org=*" in opened[0]
+        closed = [line for line in text.splitlines() if "stream closed" in line]
+        assert len(closed) == 1
+        assert "reason=client_disconnected" in closed[0]
+    finally:
+        gw.close()
