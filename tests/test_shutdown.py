@@ -41,6 +41,7 @@ async def test_signal_ends_every_open_stream_with_server_shutdown_and_exits_0(
             ends = await asyncio.gather(*(s.events_until_end(timeout=GRACE_S) for s in opened))
             rc = await gw.wait(timeout=GRACE_S + 5)
             elapsed = loop.time() - t0
+        print(f"{sig.name} with {streams} streams: exit {rc} after {elapsed:.3f}s")
         assert rc == 0
         assert elapsed < GRACE_S, f"took {elapsed:.2f}s, grace is {GRACE_S}s"
         for frames in ends:
