@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,22 +17,23 @@ from typing import Any
 
 import aiohttp
 
-from tests.redis_proc import free_port
-
 HEALTH = "/api/enrichment/health"
+_LISTEN_URL = re.compile(r"http://127\.0\.0\.1:(\d+)")
 
 
 class GatewayProcess:
     def __init__(self, *extra_args: str, **settings: Any) -> None:
         """``settings`` are config keys as ``server_heartbeat_s=0.2`` (section_key)."""
-        self.port = free_port()
+        # Port 0: the gateway picks a free port itself and logs it. Choosing one
+        # here instead could hand two gateways the same port.
+        self.port = 0
         self.dir = Path(tempfile.mkdtemp(prefix="bomstream-gw-"))
         self.log_path = self.dir / "gateway.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BOMSTREAM_")}
         self.env.update(
             {
                 "BOMSTREAM_SERVER_HOST": "127.0.0.1",
-                "BOMSTREAM_SERVER_PORT": str(self.port),
+                "BOMSTREAM_SERVER_PORT": "0",
                 "BOMSTREAM_SERVER_ACCESS_LOG": "false",
             }
         )
@@ -42,7 +44,16 @@ class GatewayProcess:
 
     @property
     def url(self) -> str:
+        assert self.port, "the gateway has not said where it listens yet"
         return f"http://127.0.0.1:{self.port}"
+
+    def _listening_port(self) -> int:
+        for line in self.log_text().splitlines():
+            if "bomstream listening" in line:
+                found = _LISTEN_URL.search(line)
+                assert found is not None, line
+                return int(found.group(1))
+        return 0
 
     def spawn(self) -> subprocess.Popen[bytes]:
         with open(self.log_path, "ab") as log:
@@ -61,6 +72,10 @@ class GatewayProcess:
         while loop.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.log_text()}")
+            self.port = self.port or self._listening_port()
+            if not self.port:
+                await asyncio.sleep(0.05)
+                continue
             try:
                 async with session.get(self.url + HEALTH) as resp:
                     if resp.status == 200:

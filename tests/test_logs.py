@@ -4,12 +4,16 @@ close, Redis and dropped-input lines, and never a token or an event's payload.""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 
 import aiohttp
+import pytest
 
-from tests.conftest import open_stream, progress, publish
+from bomstream.logs import FIELDS, DropReporter
+from tests.conftest import StartGateway, open_stream, progress, publish
 from tests.gateway_proc import GatewayProcess
+from tests.metrics_scrape import parse, value
 from tests.redis_proc import RedisProcess
 from tests.waiting import eventually
 
@@ -115,3 +119,55 @@ async def test_text_log_is_the_default_and_carries_the_same_fields(
         assert "reason=client_disconnected" in closed[0]
     finally:
         gw.close()
+
+
+async def test_redis_feed_loss_is_logged_once_and_the_return_again(
+    gateway_factory: StartGateway,
+    redis_server: RedisProcess,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="bomstream.redis")
+    gw = await gateway_factory(
+        redis__url=redis_server.url, redis__backoff_initial_s=0.02, redis__backoff_max_s=0.05
+    )
+    broker = gw.gateway.broker
+
+    async def healthy() -> bool:
+        return broker.healthy
+
+    await eventually(healthy, bool)
+    redis_server.kill()
+    await eventually(healthy, lambda ok: not ok)
+    metrics = gw.gateway.metrics
+
+    async def attempts() -> float:
+        return value(parse(metrics.render().decode()), "bomstream_redis_reconnects_total")
+
+    await eventually(attempts, lambda n: n >= 5)  # several failed retries
+    redis_server.start()
+    await eventually(healthy, bool)
+    messages = [r.getMessage() for r in caplog.records if r.name == "bomstream.redis"]
+    assert [m for m in messages if m.startswith("redis feed lost")] == [
+        "redis feed lost: Redis closed the connection"
+    ]
+    assert messages.count("redis feed subscribed") == 2
+
+
+async def test_a_burst_of_bad_input_is_reported_in_full_without_a_line_per_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("bomstream.test-drops")
+    caplog.set_level(logging.WARNING, logger=logger.name)
+    reporter = DropReporter(logger, "redis", interval=0.05)
+    for _ in range(30):
+        reporter.drop("invalid_json")
+    for _ in range(20):
+        reporter.drop("too_large")
+
+    async def reported() -> int:
+        return len(caplog.records)
+
+    await eventually(reported, lambda n: n >= 2, timeout=2)
+    fields = [getattr(r, FIELDS)["reasons"] for r in caplog.records]
+    assert fields == [{"invalid_json": 1}, {"invalid_json": 29, "too_large": 20}]

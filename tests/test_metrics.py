@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
@@ -13,7 +13,7 @@ from bomstream.config import load_config
 from bomstream.hub import Hub
 from bomstream.metrics import Metrics
 from bomstream.principal import OPEN
-from bomstream.server import start
+from bomstream.server import RunningGateway, start
 from tests.conftest import StartGateway, open_stream, progress, publish
 from tests.metrics_scrape import Samples, parse, scrape, value
 from tests.redis_proc import RedisProcess
@@ -237,3 +237,31 @@ def test_max_duration_deadlines_are_jittered_within_bounds() -> None:
     assert all(60 <= s <= 90 for s in seconds)
     # Spread out, so streams opened together do not all reconnect together.
     assert max(seconds) - min(seconds) > 5
+
+
+async def test_publish_to_write_latency_is_measured_from_created_at(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    async with open_stream(http, gateway.url, "bom-h") as s:
+        assert (await s.next_event()).event == "connected"
+        before = await scrape(http, gateway.url)
+        # Created by the worker 2 s ago: the histogram must show ~2 s, not the
+        # few milliseconds the gateway itself took.
+        created = datetime.now(UTC) - timedelta(seconds=2)
+        stamp = created.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        await publish(http, gateway.url, "bom-h", progress("bom-h", 1, created_at=stamp))
+        assert (await s.next_event()).id == "bom-h-e1"
+    after = await scrape(http, gateway.url)
+    name = "bomstream_publish_to_write_seconds_bucket"
+    assert delta(after, before, name, le="1.0") == 0
+    assert delta(after, before, name, le="2.5") == 1
+    assert delta(after, before, "bomstream_publish_to_write_seconds_sum") >= 2.0
+
+
+async def test_no_latency_is_observed_for_an_event_no_stream_received(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    await publish(http, gateway.url, "bom-q", progress("bom-q", 1))
+    samples = await scrape(http, gateway.url)
+    assert value(samples, "bomstream_events_received_total", source="http") == 1
+    assert value(samples, "bomstream_publish_to_write_seconds_count") == 0

@@ -17,7 +17,7 @@ from tests.conftest import open_stream, progress, publish
 from tests.gateway_proc import GatewayProcess
 from tests.metrics_scrape import scrape, value
 from tests.nginx_proc import NginxProcess
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisProcess, require_binary
 from tests.sse import Frame, SSEStream
 from tests.waiting import eventually
 
@@ -58,13 +58,17 @@ async def stack(redis_server: RedisProcess, http: aiohttp.ClientSession) -> Asyn
         )
         for _ in range(2)
     ]
-    nginx = NginxProcess([g.port for g in gateways])
+    require_binary("nginx")
+    nginx: NginxProcess | None = None
     try:
         await asyncio.gather(*(g.start(http) for g in gateways))
+        assert gateways[0].port != gateways[1].port
+        nginx = NginxProcess([g.port for g in gateways])
         nginx.start()
         yield Stack(redis_server, gateways, nginx)
     finally:
-        nginx.close()
+        if nginx is not None:
+            nginx.close()
         for g in gateways:
             g.close()
 
@@ -105,14 +109,19 @@ async def test_event_published_to_redis_reaches_client_through_nginx_within_300m
         assert loop.time() - t0 < 1.5
 
 
+TERMINAL = {"enrichment.completed", "enrichment.failed", "enrichment.error"}
+
+
 @dataclass
 class Follower:
-    """Reads a stream as EventSource does: after a drop it waits ``retry`` and
-    reconnects with Last-Event-ID, until ``stream_end``."""
+    """Reads a stream as a browser client does: EventSource reconnects with
+    Last-Event-ID after ``retry`` whenever the connection ends, and the page
+    closes it for good at a ``stream_end`` whose reason is a terminal event."""
 
     url: str
     events: list[Frame] = field(default_factory=list)
     connects: list[bool] = field(default_factory=list)  # the ``resumed`` flag of each
+    ends: list[str] = field(default_factory=list)  # every stream_end reason seen
     end_reason: str | None = None
 
     async def run(self, http: aiohttp.ClientSession, max_connects: int = 20) -> None:
@@ -129,8 +138,10 @@ class Follower:
                             if frame.event == "connected":
                                 self.connects.append(frame.json()["resumed"])
                             elif frame.event == "stream_end":
-                                self.end_reason = frame.json()["reason"]
-                                return
+                                self.ends.append(frame.json()["reason"])
+                                if self.ends[-1] in TERMINAL:
+                                    self.end_reason = self.ends[-1]
+                                    return
                             else:
                                 self.events.append(frame)
                                 last_id = frame.id
@@ -173,6 +184,77 @@ async def test_killed_instance_client_resumes_on_the_other_with_every_event_once
     assert all(follower.connects[1:]) and len(follower.connects) >= 2
     samples = await scrape(http, survivor.url)
     assert value(samples, "bomstream_replay_total", result="hit") >= 1
+
+
+async def test_rolling_restart_moves_streams_to_the_other_instance_without_loss(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    followers = [Follower(f"{stack.url}/api/enrichment/stream/bom-r") for _ in range(10)]
+    tasks = [asyncio.create_task(f.run(http)) for f in followers]
+    try:
+        counts = await eventually(lambda: stack.serving(http), lambda c: sum(c) == 10)
+        assert min(counts) > 0, counts
+        for n in range(1, 6):
+            stack.publish("bom-r", progress("bom-r", n))
+
+        async def all_have_five() -> bool:
+            return all(len(f.events) == 5 for f in followers)
+
+        await eventually(all_have_five, bool)
+        stopping = stack.gateways[0]
+        stopping.signal(signal.SIGTERM)
+        for n in range(6, 31):
+            stack.publish("bom-r", progress("bom-r", n))
+            await asyncio.sleep(0.005)
+        assert await stopping.wait(GRACE_S + 5) == 0
+        await eventually(lambda: stack.gateways[1].health(http), lambda h: h["streams"] == 10)
+        stack.publish("bom-r", {"event_id": "bom-r-done", "event_type": "enrichment.failed"})
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    finally:
+        for task in tasks:
+            task.cancel()
+    expected = [f"bom-r-e{n}" for n in range(1, 31)] + ["bom-r-done"]
+    moved = [f for f in followers if "server_shutdown" in f.ends]
+    assert len(moved) == counts[0]
+    for f in followers:
+        assert [e.id for e in f.events] == expected
+        assert f.end_reason == "enrichment.failed"
+    for f in moved:
+        assert f.ends == ["server_shutdown", "enrichment.failed"]
+        assert f.connects == [False, True]
+
+
+async def test_events_without_event_id_cannot_resume_on_another_instance_and_say_so(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    """Each instance gives an id-less Redis event its own random id, so a client
+    moving to another instance cannot resume; it is told (resumed: false) and
+    gets the current state, rather than a silent gap. Workers must set event_id."""
+    follower = Follower(f"{stack.url}/api/enrichment/stream/bom-u")
+    task = asyncio.create_task(follower.run(http))
+    try:
+        await eventually(lambda: stack.serving(http), lambda c: sum(c) == 1)
+        for n in range(1, 4):
+            event = progress("bom-u", n)
+            del event["event_id"]
+            stack.publish("bom-u", event)
+
+        async def received() -> int:
+            return len(follower.events)
+
+        await eventually(received, lambda k: k == 3)
+        victim = (await stack.serving(http)).index(1)
+        stack.gateways[victim].kill()
+        await eventually(lambda: stack.gateways[1 - victim].health(http), lambda h: h["streams"])
+        stack.publish("bom-u", {"event_type": "enrichment.completed"})
+        await asyncio.wait_for(task, 20)
+    finally:
+        task.cancel()
+    assert follower.connects == [False, False]
+    # The reconnect got the latest state as a snapshot: event 3 once more, under another id.
+    payloads = [f.json()["payload"] for f in follower.events[:4]]
+    assert payloads == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 3}]
+    assert follower.events[3].id != follower.events[2].id
 
 
 async def test_sigterm_with_50_streams_through_nginx_ends_each_with_server_shutdown(
