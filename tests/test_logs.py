@@ -107,6 +107,12 @@ async def test_text_log_is_the_default_and_carries_the_same_fields(
         await gw.start(http)
         async with open_stream(http, gw.url, "bom-t") as s:
             assert (await s.next_event()).event == "connected"
+
+        async def log_text() -> str:
+            return gw.log_text()
+
+        # The client has gone; the gateway notices on its own schedule.
+        await eventually(log_text, lambda text: "stream closed" in text)
         gw.signal(signal.SIGTERM)
         assert await gw.wait(timeout=10) == 0
         text = gw.log_text()
