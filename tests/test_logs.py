@@ -52,6 +52,7 @@ async def test_json_log_lines_describe_streams_and_never_hold_tokens_or_payloads
             assert ids == [f"bom-l-e{n}" for n in range(1, 12)]
         async with open_stream(http, gw.url, "bom-l", token=WRONG, expect=401):
             pass
+        await publish(http, gw.url, "bom-l", ("[" + MARKER).encode(), token=ADMIN, expect=400)
         async with http.get(f"{gw.url}/api/enrichment/events/bom-l?limit=2&token={ADMIN}") as r:
             assert r.status == 200
 
@@ -91,9 +92,12 @@ async def test_json_log_lines_describe_streams_and_never_hold_tokens_or_payloads
         drops = by_msg["dropped 1 bad events from redis"]
         assert drops[0]["reasons"] == {"invalid_json": 1}
         polls = [line for line in by_msg["request"] if "/events/" in str(line["path"])]
-        assert [line["path"] for line in polls if line["method"] == "GET"] == [
-            "/api/enrichment/events/bom-l?limit=2&token=%5Bredacted%5D"
+        # The accepted publish (one event) is below info; the poll is logged, redacted.
+        assert [(line["method"], line["status"], line["path"]) for line in polls] == [
+            ("POST", 400, "/api/enrichment/events/bom-l"),
+            ("GET", 200, "/api/enrichment/events/bom-l?limit=2&token=%5Bredacted%5D"),
         ]
+        assert by_msg["dropped 1 bad events from http"][0]["reasons"] == {"invalid_json": 1}
         assert by_msg["bomstream stopped"]
     finally:
         gw.close()
