@@ -37,7 +37,9 @@ def derive_config(template: str, prefix: Path, listen_port: int, upstreams: list
     """deploy/nginx.conf with this machine's ports and paths swapped in."""
     conf = _sub_once(r"^worker_processes \S+;$", "worker_processes 1;", template)
     conf = _sub_once(r"^(\s*)listen \S+;$", f"        listen 127.0.0.1:{listen_port};", conf)
-    conf = _sub_once(r"^(\s*)access_log \S+;$", f"    access_log {prefix}/access.log;", conf)
+    # The log path changes; the log format named after it stays.
+    log_line = f"    access_log {prefix}/access.log bomstream;"
+    conf = _sub_once(r"^    access_log \S+ bomstream;$", log_line, conf)
     servers = list(_UPSTREAM_SERVER.finditer(conf))
     if len(servers) < 2:
         raise AssertionError("deploy/nginx.conf: the upstream should list several servers")
@@ -88,6 +90,10 @@ class NginxProcess:
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError("nginx did not start: " + self.error_log())
+
+    def access_log(self) -> str:
+        path = self.prefix / "access.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def error_log(self) -> str:
         path = self.prefix / "error.log"

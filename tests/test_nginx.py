@@ -316,6 +316,24 @@ async def test_metrics_of_each_instance_parse_and_move_with_traffic_through_ngin
         assert resp.status == 404
 
 
+async def test_nginx_access_log_never_holds_a_query_token(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    url = f"{stack.url}/api/enrichment/stream/bom-a?token={ADMIN}"
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        assert (await SSEStream(resp).next_event()).event == "connected"
+    async with http.get(f"{stack.url}/api/enrichment/events/bom-a?token={ADMIN}") as resp:
+        assert resp.status == 200
+
+    async def access_log() -> str:
+        return stack.nginx.access_log()
+
+    text = await eventually(access_log, lambda t: t.count("/api/enrichment/") >= 2)
+    assert '"GET /api/enrichment/events/bom-a" 200' in text
+    assert ADMIN not in text
+
+
 async def test_health_check_through_nginx(stack: Stack, http: aiohttp.ClientSession) -> None:
     async with http.get(f"{stack.url}/api/enrichment/health") as resp:
         assert resp.status == 200
