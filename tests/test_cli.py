@@ -31,7 +31,7 @@ async def test_publish_through_redis_reaches_a_stream(
     redis_server: RedisProcess, http: aiohttp.ClientSession
 ) -> None:
     gw = GatewayProcess(env={"BOMSTREAM_REDIS_URL": redis_server.url})
-    gw.start()
+    gw.start_sync()
     try:
         async with open_stream(http, gw.url, "bom-cli") as s:
             await s.next_event()
@@ -59,7 +59,7 @@ async def test_publish_through_the_http_endpoint_with_the_admin_token(
 ) -> None:
     env = {"BOMSTREAM_AUTH_ADMIN_TOKEN": "adm-token-1"}
     gw = GatewayProcess(env=env)
-    gw.start()
+    gw.start_sync()
     try:
         async with open_stream(http, gw.url, "bom-cli", token="adm-token-1") as s:
             await s.next_event()
@@ -90,9 +90,9 @@ async def test_publish_rejects_bad_json_flags_without_sending() -> None:
 
 async def test_serve_exits_0_on_sigterm(http: aiohttp.ClientSession) -> None:
     gw = GatewayProcess()
-    gw.start()
+    gw.start_sync()
     async with http.get(f"{gw.url}/api/enrichment/health") as resp:
         assert resp.status == 200
     gw.signal(signal.SIGTERM)
-    assert gw.wait(15) == 0
-    assert "bomstream stopped" in gw.output()
+    assert await gw.wait(15) == 0
+    assert "bomstream stopped" in gw.log_text()

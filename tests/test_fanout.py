@@ -149,7 +149,7 @@ async def test_slow_consumer_is_cut_and_memory_stays_bounded_while_others_get_ev
             "BOMSTREAM_SERVER_ACCESS_LOG": "false",
         }
     )
-    gw.start()
+    gw.start_sync()
     try:
         pad = "x" * 30_000
         async with open_stream(http, gw.url, "bom-slow") as normal:

@@ -155,14 +155,16 @@ def assert_logged_the_battery(output: str) -> None:
 async def test_gateway_process_output_never_contains_a_credential(
     fmt: str, http: aiohttp.ClientSession
 ) -> None:
-    gw = GatewayProcess(env={**AUTH_ENV, "BOMSTREAM_SERVER_LOG_FORMAT": fmt})
-    await asyncio.to_thread(gw.start)
+    gw = GatewayProcess(
+        env={**AUTH_ENV, "BOMSTREAM_SERVER_LOG_FORMAT": fmt, "BOMSTREAM_SERVER_ACCESS_LOG": "true"}
+    )
+    await asyncio.to_thread(gw.start_sync)
     secrets = Secrets()
     try:
         await exercise(http, gw.url, secrets)
     finally:
         await asyncio.to_thread(gw.stop)
-    output = gw.output()
+    output = gw.log_text()
     assert_logged_the_battery(output)
     assert_clean(output, secrets)
 

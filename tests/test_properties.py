@@ -130,7 +130,7 @@ def test_any_json_object_is_rejected_or_read_back_as_exactly_one_equal_event(
 @pytest.fixture(scope="module")
 def open_gateway() -> Iterator[GatewayProcess]:
     gw = GatewayProcess(env={"BOMSTREAM_SERVER_ACCESS_LOG": "false"})
-    gw.start()
+    gw.start_sync()
     try:
         with httpx.Client(base_url=gw.url, timeout=10) as client:
             for n in (1, 2, 3):

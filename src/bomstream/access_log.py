@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
@@ -22,9 +23,16 @@ def redact_query(query_string: str) -> str:
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        # An accepted publish is one event: kept below info, like every other
+        # per-event line. Refused publishes stay visible.
+        accepted_publish = request.method == "POST" and response.status == 202
+        level = logging.DEBUG if accepted_publish else logging.INFO
+        if not self.logger.isEnabledFor(level):
+            return
         query = redact_query(request.query_string)
         path = request.path + ("?" + query if query else "")
-        self.logger.info(
+        self.logger.log(
+            level,
             "request",
             extra={
                 FIELDS: {

@@ -92,7 +92,8 @@ class _FeedProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check.
+        # A cast, not an isinstance check: uvloop's TCP transport does not
+        # derive from asyncio.Transport, and `bomstream serve` runs on uvloop.
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
@@ -190,7 +191,7 @@ class RedisBroker:
                 if failures == 0:
                     log.warning(
                         "redis feed lost: %s",
-                        exc or type(exc).__name__,
+                        str(exc) or type(exc).__name__,
                         extra={FIELDS: {"redis": self._target.display}},
                     )
                 failures += 1
@@ -262,6 +263,9 @@ class RedisBroker:
                 self._cfg.redis.url, socket_connect_timeout=CONNECT_TIMEOUT_S
             )
         await self._publisher.publish(self._prefix + event.bom_id.encode(), event.data)
+        # Counted here as taken in over HTTP; it is counted again as "redis" by
+        # every instance (this one included) when it comes back through the feed.
+        self._metrics.events_received.labels("http").inc()
 
     async def close(self) -> None:
         if self._publisher is not None:

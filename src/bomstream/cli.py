@@ -1,4 +1,4 @@
-"""The ``bomstream`` command: serve, publish, token, loadtest, demo."""
+"""The ``bomstream`` command: serve, publish, health, token, loadtest, demo."""
 
 from __future__ import annotations
 
@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--sub", default="bomstream-dev", help="subject (default: bomstream-dev)")
     tok.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
     tok.add_argument("--role", help="role claim; service_role may publish")
+    health = sub.add_parser("health", help="exit 0 if the gateway answers its health check")
+    _add_config_args(health)
+    health.add_argument("--url", help="health URL (default: from server.host and server.port)")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     return parser
 
 
@@ -97,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(cfg, args)
     if args.command == "token":
         return _token(cfg, args)
+    if args.command == "health":
+        from bomstream.healthcheck import health_command
+
+        return health_command(cfg, args.url, args.timeout)
     raise AssertionError(args.command)
 
 

@@ -212,15 +212,14 @@ class Hub:
                 terminal = ev
                 pending = pending[: i + 1]
                 break
-        now = time.time()
-        for ev in pending:
-            self._metrics.publish_to_write.observe(
-                max(0.0, now - (ev.created_at or ev.received_at))
-            )
         if not ch.groups:
             return
+        now = time.time()
         all_blob = pending[0].chunk if len(pending) == 1 else b"".join(e.chunk for e in pending)
         delivered = 0
+        # Events written to at least one stream, for the publish-to-write histogram.
+        written_all = False
+        written_some: dict[str, Event] = {}
         for org, group in list(ch.groups.items()):
             if not group.subs:
                 continue
@@ -234,14 +233,22 @@ class Hub:
                 mine = [e for e in pending if e.org == org]
                 visible = len(mine)
                 blob = all_blob if visible == len(pending) else b"".join(e.chunk for e in mine)
+                if visible and visible < len(pending):
+                    written_some.update((e.event_id, e) for e in mine)
             if terminal is not None:
                 blob += stream_end_chunk(terminal.event_type)
             elif not blob:
                 continue
+            if visible == len(pending):
+                written_all = True
             group.delivered += visible
             delivered += visible * len(group.subs)
             self._write_group(ch, group, blob, terminal)
         self._metrics.events_delivered.inc(delivered)
+        observe = self._metrics.publish_to_write.observe
+        for ev in pending if written_all else written_some.values():
+            # created_at comes from the worker's clock; skew must not make it negative.
+            observe(max(0.0, now - (ev.created_at or ev.received_at)))
 
     def _write_group(
         self, ch: _Channel, group: _Group, blob: bytes, terminal: Event | None
@@ -315,6 +322,8 @@ class Hub:
         org = principal.org
         resumed = False
         catchup: list[Event] = []
+        if ch is None and last_event_id:
+            self._metrics.replay.labels("miss").inc()
         if ch is not None:
             anchor = ch.buffer.get(last_event_id) if last_event_id else None
             if last_event_id:
@@ -339,6 +348,8 @@ class Hub:
                 end_reason = ev.event_type
                 break
         catchup = [e for e in catchup if _visible(e, org)]
+        if catchup:
+            self._metrics.events_delivered.inc(len(catchup))
         parts = [self._retry_chunk, chunk(connected_frame(bom_id, resumed))]
         parts.extend(e.chunk for e in catchup)
         if end_reason is not None:

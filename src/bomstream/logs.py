@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -85,17 +86,34 @@ class DropReporter:
         self._source = source
         self._interval = interval
         self._pending: Counter[str] = Counter()
-        self._last = 0.0
+        self._last = -interval
+        self._timer: asyncio.TimerHandle | None = None
 
     def drop(self, reason: str) -> None:
         self._pending[reason] += 1
         now = time.monotonic()
         if now - self._last >= self._interval:
-            self._last = now
-            counts, self._pending = dict(self._pending), Counter()
-            self._log.warning(
-                "dropped %d bad events from %s",
-                sum(counts.values()),
-                self._source,
-                extra={FIELDS: {"source": self._source, "reasons": counts}},
-            )
+            self._report(now)
+        elif self._timer is None:
+            # The rest of a burst is reported when the interval is up; waiting
+            # for the next bad message could mean never reporting it.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._timer = loop.call_later(self._last + self._interval - now, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._pending:
+            self._report(time.monotonic())
+
+    def _report(self, now: float) -> None:
+        self._last = now
+        counts, self._pending = dict(self._pending), Counter()
+        self._log.warning(
+            "dropped %d bad events from %s",
+            sum(counts.values()),
+            self._source,
+            extra={FIELDS: {"source": self._source, "reasons": counts}},
+        )

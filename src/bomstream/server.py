@@ -34,6 +34,7 @@ log = logging.getLogger("bomstream.server")
 # The HTTP read buffer aiohttp allows per request body; the publish handler
 # enforces limits.max_event_bytes itself, this only keeps a hard ceiling.
 BODY_SLACK = 1024
+IDLE_KEEPALIVE_S = 75.0
 
 
 def make_app(cfg: Config) -> web.Application:
@@ -114,6 +115,9 @@ async def start(cfg: Config) -> RunningGateway:
         # stream learns of the disconnect at once rather than at its next write.
         handler_cancellation=True,
         shutdown_timeout=cfg.server.shutdown_grace_s,
+        # aiohttp's handler default is an hour; a proxy in front (nginx keeps
+        # idle upstream connections 60 s) should always be the side that closes.
+        keepalive_timeout=IDLE_KEEPALIVE_S,
         access_log=logging.getLogger("bomstream.access") if cfg.server.access_log else None,
         access_log_class=AccessLogger,
         handle_signals=False,

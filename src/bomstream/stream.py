@@ -7,6 +7,7 @@ itself only waits for the stream to end and logs one line when it does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -52,7 +53,11 @@ def _refuse(gw: Gateway, status: int, code: str, message: str, retry: bool = Fal
 
 async def handle_stream(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    bom_id = checked_bom_id(request)
+    try:
+        bom_id = checked_bom_id(request)
+    except ApiError as err:
+        gw.metrics.streams_opened.labels(str(err.status)).inc()
+        raise
     try:
         principal = await gw.auth.authenticate_reader(request, bom_id)
     except ApiError as err:
@@ -78,6 +83,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     if access == "finished":
         # EventSource stops reconnecting for good on 204.
         gw.metrics.streams_opened.labels("204").inc()
+        gw.metrics.replay.labels("hit").inc()
         return web.Response(status=204)
 
     resp = web.StreamResponse(headers=SSE_HEADERS)
@@ -88,13 +94,27 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     opened = hub.open(bom_id, principal, after, transport)
     transport.write(opened.initial)
     gw.metrics.streams_opened.labels("ok").inc()
+    log.info(
+        "stream opened",
+        extra={
+            FIELDS: {
+                "bom_id": bom_id,
+                "org": principal.org or "*",
+                "auth": principal.kind,
+                "resumed": opened.resumed,
+                "catchup_events": opened.catchup_events,
+            }
+        },
+    )
     sub = opened.sub
     started = time.monotonic()
     reason: str | None = opened.end_reason
     sent = opened.catchup_events
     try:
         if sub is not None:
-            reason = await sub.done
+            # Shielded: a client disconnect cancels this handler, and must not
+            # cancel the future the hub resolves with the reason.
+            reason = await asyncio.shield(sub.done)
     finally:
         if sub is not None:
             hub.detach(sub)
