@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bomstream.config import ConfigError, load_config
+from tests.cli_proc import run_cli
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -83,19 +82,6 @@ def test_non_loopback_host_is_fine_once_a_credential_is_set(tmp_path: Path) -> N
         write(tmp_path, "[server]\nhost = '0.0.0.0'\n[auth]\nadmin_token = 't'\n"), env={}
     )
     assert cfg.server.host == "0.0.0.0"
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bomstream", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        cwd=cwd,
-    )
 
 
 @pytest.mark.parametrize(
