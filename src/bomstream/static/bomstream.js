@@ -101,6 +101,7 @@
     this._poller = null;
     this._expectReconnect = false;
     this._trial = false;
+    this._pollOk = false;
     this._generation = 0;
     this._connectSse();
   }
@@ -117,9 +118,13 @@
   };
 
   Client.prototype._notify = function () {
+    // While polling, a trial of the stream stays out of sight until it opens:
+    // the page keeps showing the polling it still relies on instead of
+    // flickering to "reconnecting" every few seconds.
+    var trial = this._trial && this.mode === "sse" && !this.connected;
     this._call("onConnectionChange", {
-      mode: this.mode,
-      connected: this.connected,
+      mode: trial ? "polling" : this.mode,
+      connected: trial ? this._pollOk : this.connected,
       retryCount: this.retryCount,
       gaps: this.gaps,
     });
@@ -272,8 +277,11 @@
   Client.prototype._startPolling = function () {
     this._clearTimers();
     this._dropStream();
+    var afterTrial = this._trial;
     this._trial = false;
     this.mode = "polling";
+    // Back from a failed trial, the last poll's outcome still holds.
+    this.connected = afterTrial ? this._pollOk : false;
     this._pollFailures = 0;
     this._notify();
     this._poll();
@@ -325,6 +333,7 @@
         if (generation !== self._generation || self.mode !== "polling") return;
         self._poller = null;
         self._pollFailures = 0;
+        self._pollOk = true;
         if (!self.connected) {
           self.connected = true;
           self._notify();
@@ -340,6 +349,7 @@
           return;
         }
         self._pollFailures += 1;
+        self._pollOk = false;
         if (self.connected) {
           self.connected = false;
           self._notify();
