@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--event-id", help="event_id (default: assigned)")
     pub.add_argument("--url", help="publish through this gateway's HTTP endpoint instead of Redis")
     pub.add_argument("--token", help="token for the HTTP endpoint (default: auth.admin_token)")
+
+    from bomstream.loadtest.command import add_arguments as add_loadtest_arguments
+
+    load = sub.add_parser("loadtest", help="open many streams, publish paced events, measure")
+    _add_config_args(load)
+    add_loadtest_arguments(load)
     return parser
 
 
@@ -77,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bomstream.publish_cli import publish_command
 
         return asyncio.run(publish_command(cfg, args))
+    if args.command == "loadtest":
+        from bomstream.loadtest.command import loadtest_command
+
+        return loadtest_command(cfg, args)
     raise AssertionError(args.command)
 
 
