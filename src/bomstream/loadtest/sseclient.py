@@ -168,7 +168,8 @@ class SSEConnection(asyncio.Protocol):
 
     def _segment(self, data: bytes, start: int, end: int, now_us: int) -> None:
         """Event-stream bytes ``data[start:end]``: handle every complete frame."""
-        if data.find(b"\r", start, end) >= 0:
+        sse = self._sse
+        if data.find(b"\r", start, end) >= 0 or (sse and sse[-1] == 13):
             # Rare: CR line endings. Normalise into the side buffer.
             self._sse += data[start:end]
             self._normalise_and_drain(now_us)
