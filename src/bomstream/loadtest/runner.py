@@ -8,6 +8,7 @@ import errno
 import random
 import resource
 import secrets
+import socket
 import sys
 import time
 from collections import Counter
@@ -34,6 +35,8 @@ PublishVia = Literal["redis", "http", "none"]
 # In-flight connection attempts at once; the kernel's accept backlog is the limit.
 MAX_CONNECTING = 512
 RECONNECT_DELAY_S = (0.5, 1.5)
+# Linux's IP_BIND_ADDRESS_NO_PORT (not exported by every Python build).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,7 @@ class LoadTest:
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.base_path = parts.path.rstrip("/")
+        self.address = self.host
         self.run_id = secrets.token_hex(4)
         self.bom_ids = [f"{opts.bom_prefix}{self.run_id}-{b}" for b in range(opts.boms)]
         self.sources = [f"127.0.0.{k}" for k in range(1, max(1, opts.source_ips) + 1)]
@@ -180,14 +184,23 @@ class LoadTest:
         conn.last_event_id = last_event_id
         self.conns[i] = conn
         source = self.sources[i % len(self.sources)]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: conn, self.host, self.port, local_addr=(source, 0)),
-                self.opts.connect_timeout_s,
-            )
+            sock.setblocking(False)
+            # Choose the source port at connect time, by the whole address
+            # pair: bind() alone would skip ports still in TIME_WAIT from an
+            # earlier run and soon run out of them.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+            async with asyncio.timeout(self.opts.connect_timeout_s):
+                await loop.sock_connect(sock, (self.address, self.port))
+                await loop.create_connection(lambda: conn, sock=sock)
         except TimeoutError:
+            sock.close()
             self._connect_failed(i, conn, "connect timeout")
         except OSError as exc:
+            sock.close()
             name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             self._connect_failed(i, conn, f"connect {name}")
 
@@ -229,6 +242,10 @@ class LoadTest:
     async def run(self) -> Report:
         opts = self.opts
         raise_open_files_limit()
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.host, self.port, family=socket.AF_INET, type=socket.SOCK_STREAM
+        )
+        self.address = str(infos[0][4][0])
         progress = asyncio.create_task(self._progress()) if opts.progress else None
         pid = opts.gateway_pid
         before = procstat.sample(pid) if pid else None
