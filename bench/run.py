@@ -48,11 +48,15 @@ SOURCE_IPS = 4
 CONNECT_RATE = 4000
 
 # (scenario, label, loadtest arguments)
-IDLE = [(n, ["--connections", str(n), "--boms", str(BOMS), "--hold", "3"]) for n in (1000, 10000, 15000)]
+IDLE = [
+    (n, ["--connections", str(n), "--boms", str(BOMS), "--hold", "3"]) for n in (1000, 10000, 15000)
+]
 FANOUT = [
     (rate, ["--connections", "10000", "--boms", str(BOMS), "--rate", str(rate), "--duration", "10", "--hold", "1"])
-    for rate in (100, 1000, 3000)
+    for rate in (100, 600, 1000, 3000)
 ]  # fmt: skip
+# A few streams that stop reading, among 10k at 1000 events/s.
+SLOW = [("1000+10slow", ["--connections", "10000", "--boms", str(BOMS), "--rate", "1000", "--duration", "10", "--hold", "1", "--slow-consumers", "10"])]  # fmt: skip
 LATENCY = [(100, ["--connections", "1000", "--boms", str(BOMS), "--rate", "100", "--duration", "10", "--hold", "1"])]  # fmt: skip
 
 
@@ -120,7 +124,9 @@ jwt_secret = "{JWT_SECRET}"
 class Gateway:
     def __init__(self, config: Path, port: int) -> None:
         self.config, self.port = config, port
-        self.log = tempfile.NamedTemporaryFile(prefix="bomstream-bench-gw-", suffix=".log", delete=False)  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the child process writes it
+            prefix="bomstream-bench-gw-", suffix=".log", delete=False
+        )
         self.proc = subprocess.Popen(
             ["taskset", "-c", GATEWAY_CORE, sys.executable, "-m", "bomstream", "serve", "--config", str(config)],
             stdout=self.log,
@@ -165,7 +171,9 @@ def loadtest(gw: Gateway, config: Path, auth: list[str], args: list[str]) -> dic
         "--source-ips", str(SOURCE_IPS), "--connect-rate", str(CONNECT_RATE),
         "--json", str(out), "--no-progress", *auth, *args,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, preexec_fn=raise_nofile, cwd=ROOT, check=False, timeout=600)
+    proc = subprocess.run(
+        cmd, capture_output=True, preexec_fn=raise_nofile, cwd=ROOT, check=False, timeout=600
+    )
     if not out.exists() or out.stat().st_size == 0:
         raise RuntimeError(f"loadtest failed: {proc.stderr.decode()[-2000:]}")
     report: dict[str, Any] = json.loads(out.read_text())
@@ -179,7 +187,9 @@ def pick_auth(redis_url: str) -> tuple[str, list[str]]:
     config = write_config(redis_url, port)
     gw = Gateway(config, port)
     try:
-        probe = loadtest(gw, config, ["--mint-token", "--org", ORG], ["--connections", "2", "--boms", "1"])
+        probe = loadtest(
+            gw, config, ["--mint-token", "--org", ORG], ["--connections", "2", "--boms", "1"]
+        )
     finally:
         gw.stop()
     if probe["connections"]["established"] == 2:
@@ -188,7 +198,12 @@ def pick_auth(redis_url: str) -> tuple[str, list[str]]:
 
 
 def summarise(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
-    c, p, d, lat = report["connections"], report["publish"], report["deliveries"], report["latency_ms"]
+    c, p, d, lat = (
+        report["connections"],
+        report["publish"],
+        report["deliveries"],
+        report["latency_ms"],
+    )
     g = report.get("gateway", {})
     row = {
         "streams": c["established"],
@@ -214,6 +229,12 @@ def summarise(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
                 "gateway_cpu_s": g.get("cpu_s_publish"),
                 "cpu_s_per_100k": g.get("cpu_s_per_100k_deliveries"),
                 "client_cpu_s": report["client_cpu_s_publish"],
+                "rss_growth_during_publish_mib": (
+                    round((g["rss_kb_after_publish"] - g["rss_kb_held"]) / 1024, 1)
+                    if g.get("rss_kb_after_publish") is not None
+                    else None
+                ),
+                "slow_consumers_cut": c["slow_consumers_cut"],
             }
         )
     return row
@@ -230,10 +251,18 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
+        for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True, check=False
+        ).stdout.splitlines():
             if line.startswith("Model name:"):
                 model = line.split(":", 1)[1].strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    ).stdout.strip()
     return {
         "nproc": os.cpu_count(),
         "cpu_model": model,
@@ -258,7 +287,7 @@ def readme_table(result: dict[str, Any]) -> str:
         for label, entry in runs.items():
             r = entry["median"]
 
-            def f(key: str, fmt: str = "{}") -> str:
+            def f(key: str, fmt: str = "{}", r: dict[str, Any] = r) -> str:
                 v = r.get(key)
                 return "" if v is None else fmt.format(v)
 
@@ -282,16 +311,18 @@ def update_readme(table: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", choices=("idle", "fanout", "latency"), action="append")
+    parser.add_argument("--only", choices=("idle", "fanout", "latency", "slow"), action="append")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/<date>.json)")
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     args = parser.parse_args()
     if shutil.which("taskset") is None:
         raise SystemExit("bench: taskset is required (util-linux)")
     raise_nofile()
-    scenarios = {"idle": IDLE, "fanout": FANOUT, "latency": LATENCY}
+    scenarios = {"idle": IDLE, "fanout": FANOUT, "latency": LATENCY, "slow": SLOW}
     chosen = args.only or list(scenarios)
     now = dt.datetime.now(dt.UTC)
     result: dict[str, Any] = {
@@ -322,7 +353,11 @@ def main() -> int:
                     rows.append(row)
                     reports.append(report)
                     print(f"bench: {name} {label} run {i + 1}: {json.dumps(row)}", flush=True)
-                result["scenarios"][name][str(label)] = {"median": median_row(rows), "runs": rows, "reports": reports}
+                result["scenarios"][name][str(label)] = {
+                    "median": median_row(rows),
+                    "runs": rows,
+                    "reports": reports,
+                }
     out = args.out or RESULTS / f"{now.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

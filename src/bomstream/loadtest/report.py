@@ -22,6 +22,7 @@ class GatewayUsage:
     rss_kb_held: int
     cpu_s_connect: float
     cpu_s_publish: float | None
+    rss_kb_after_publish: int | None
 
     @classmethod
     def of(
@@ -36,8 +37,10 @@ class GatewayUsage:
         if pid is None or before is None or connected is None or held is None:
             return None
         cpu_publish = None
+        rss_after = None
         if pub_start is not None and pub_end is not None and pub_end is not held:
             cpu_publish = round(pub_end.cpu_s - pub_start.cpu_s, 3)
+            rss_after = pub_end.rss_kb
         return cls(
             pid,
             before.rss_kb,
@@ -45,6 +48,7 @@ class GatewayUsage:
             held.rss_kb,
             round(connected.cpu_s - before.cpu_s, 3),
             cpu_publish,
+            rss_after,
         )
 
 
@@ -134,6 +138,7 @@ class Report:
                 "rss_kb_held": gateway.rss_kb_held,
                 "cpu_s_connect": gateway.cpu_s_connect,
                 "cpu_s_publish": gateway.cpu_s_publish,
+                "rss_kb_after_publish": gateway.rss_kb_after_publish,
             }
             if lt.established:
                 grown = gateway.rss_kb_held - gateway.rss_kb_before
