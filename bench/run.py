@@ -280,7 +280,7 @@ def readme_table(result: dict[str, Any]) -> str:
         f" {result['repeat']} runs each (other work may share this machine, so single runs vary).",
         f"Command: `{result['command']}`",
         "",
-        "| scenario | streams | events/s (achieved) | deliveries/s | lost | p50 ms | p99 ms | RSS MiB | KiB/stream | gateway CPU s per 100k | time to connect s |",
+        "| scenario | streams | events/s (achieved) | deliveries/s | lost | p50 ms | p99 ms (min-max) | RSS MiB | KiB/stream | gateway CPU s per 100k | time to connect s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, runs in result["scenarios"].items():
@@ -294,10 +294,19 @@ def readme_table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} {label} | {f('streams', '{:.0f}')} | {f('publish_rate', '{:,.0f}')} |"
                 f" {f('deliveries_per_s', '{:,.0f}')} | {f('lost', '{:.0f}')} | {f('p50_ms', '{:.1f}')} |"
-                f" {f('p99_ms', '{:.1f}')} | {f('rss_mib', '{:.0f}')} | {f('rss_kib_per_stream', '{:.1f}')} |"
+                f" {p99_range(entry)} | {f('rss_mib', '{:.0f}')} | {f('rss_kib_per_stream', '{:.1f}')} |"
                 f" {f('cpu_s_per_100k', '{:.2f}')} | {f('time_to_connect_s', '{:.1f}')} |"
             )
     return "\n".join(lines)
+
+
+def p99_range(entry: dict[str, Any]) -> str:
+    """The median p99 with the spread over the repeats, which shows how much
+    other work on the machine disturbed single runs."""
+    values = [r["p99_ms"] for r in entry["runs"] if r.get("p99_ms") is not None]
+    if not values:
+        return ""
+    return f"{entry['median']['p99_ms']:.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def update_readme(table: str) -> None:

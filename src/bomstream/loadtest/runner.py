@@ -349,11 +349,21 @@ class LoadTest:
         tty = sys.stderr.isatty()
         last_delivered = 0
         last_t = time.monotonic()
+        last_counts: dict[int, int] = {}
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             rate = (self.delivered - last_delivered) / max(1e-9, now - last_t)
             last_delivered, last_t = self.delivered, now
+            # The last second's p99 shows when a spike happened, not just that it did.
+            counts = dict(self.latency.counts)
+            recent = LogHistogram()
+            for i, n in counts.items():
+                if n > last_counts.get(i, 0):
+                    recent.counts[i] = n - last_counts.get(i, 0)
+                    recent.count += recent.counts[i]
+            recent.max = LogHistogram.upper_bound(max(recent.counts, default=0))
+            last_counts = counts
             sent = self._publish.sent if self._publish is not None else 0
             line = (
                 f"[{now - self._started:6.1f}s {self._phase:>7}] "
@@ -361,6 +371,7 @@ class LoadTest:
                 f"failed {sum(self.failed.values())} reconnects {self.reconnects} | "
                 f"delivered {self.delivered} ({rate:,.0f}/s) | "
                 f"p99 {self.latency.quantile(0.99) / 1000:.1f} ms"
+                f" (last 1 s: {recent.quantile(0.99) / 1000:.1f} ms)"
             )
             if sent:
                 line += f" | published {sent}"
