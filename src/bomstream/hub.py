@@ -22,6 +22,7 @@ from typing import Literal
 
 from bomstream.buffer import BomBuffer
 from bomstream.config import Config
+from bomstream.deadlines import Deadlines
 from bomstream.events import (
     KEEPALIVE_CHUNK,
     Event,
@@ -52,7 +53,7 @@ class Subscriber:
 
     __slots__ = (
         "_beat_slot",
-        "_deadline",
+        "_deadline_key",
         "bom_id",
         "catchup_events",
         "delivered_base",
@@ -82,7 +83,8 @@ class Subscriber:
         self.live_events = 0
         # Slot on the hub's heartbeat wheel; -1 once off it.
         self._beat_slot = -1
-        self._deadline: asyncio.TimerHandle | None = None
+        # Key on the hub's deadline timer; -1 when the stream has no deadline.
+        self._deadline_key = -1
 
     @property
     def reason(self) -> str | None:
@@ -144,6 +146,7 @@ class Hub:
         self._retry_chunk = chunk(retry_frame(cfg.server.retry_ms))
         self._send_limit = cfg.server.send_queue_bytes
         self._beats: TimerWheel[Subscriber] = TimerWheel(cfg.server.heartbeat_s, self._heartbeat)
+        self._deadlines: Deadlines[Subscriber] = Deadlines(self.end)
         self.stream_count = 0
         self.streams_by_org: Counter[str | None] = Counter()
         self.closing = False
@@ -349,7 +352,7 @@ class Hub:
         deadline = self._deadline_for(principal)
         if deadline is not None:
             reason, when = deadline
-            sub._deadline = loop.call_later(max(0.0, when), self.end, sub, reason)
+            sub._deadline_key = self._deadlines.add(sub, when, reason)
         return Opened(b"".join(parts), sub, resumed, None, len(catchup))
 
     def _deadline_for(self, principal: Principal) -> tuple[str, float] | None:
@@ -398,9 +401,9 @@ class Hub:
         if sub._beat_slot >= 0:
             self._beats.remove(sub, sub._beat_slot)
             sub._beat_slot = -1
-        if sub._deadline is not None:
-            sub._deadline.cancel()
-            sub._deadline = None
+        if sub._deadline_key >= 0:
+            self._deadlines.remove(sub, sub._deadline_key)
+            sub._deadline_key = -1
         ch = self._channels.get(sub.bom_id)
         if ch is None:
             return
