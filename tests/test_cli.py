@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -96,3 +97,18 @@ async def test_serve_exits_0_on_sigterm(http: aiohttp.ClientSession) -> None:
     gw.signal(signal.SIGTERM)
     assert await gw.wait(15) == 0
     assert "bomstream stopped" in gw.log_text()
+
+
+async def test_serve_on_a_taken_port_exits_1_with_one_line_even_with_redis(
+    redis_server: RedisProcess,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = await run_cli(
+            "serve", "--port", str(port), env={"BOMSTREAM_REDIS_URL": redis_server.url}
+        )
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("bomstream:")]
+    assert lines == [f"bomstream: cannot listen on 127.0.0.1:{port}: Address already in use"]

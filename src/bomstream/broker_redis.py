@@ -211,7 +211,11 @@ class RedisBroker:
         else:
             ctx = ssl.create_default_context() if t.tls else None
             connect = loop.create_connection(lambda: proto, t.host, t.port, ssl=ctx)
-        transport, _ = await asyncio.wait_for(connect, CONNECT_TIMEOUT_S)
+        # asyncio.timeout rather than wait_for: on 3.11, wait_for can swallow a
+        # cancellation that arrives as the inner wait completes, and this task
+        # must always stop when it is cancelled.
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            transport, _ = await connect
         try:
             if t.password is not None:
                 auth = [b"AUTH"]
@@ -220,7 +224,8 @@ class RedisBroker:
                 auth.append(t.password.encode())
                 transport.write(encode_command(*auth))
             transport.write(encode_command(b"PSUBSCRIBE", self._prefix + b"*"))
-            failure = await asyncio.wait_for(asyncio.shield(proto.subscribed), CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                failure = await asyncio.shield(proto.subscribed)
             if failure is not None:
                 raise failure
             self._set_connected(True)
@@ -240,7 +245,8 @@ class RedisBroker:
             raise exc if isinstance(exc, Exception) else ConnectionResetError("closed")
         while True:
             try:
-                exc = await asyncio.wait_for(asyncio.shield(proto.closed), interval)
+                async with asyncio.timeout(interval):
+                    exc = await asyncio.shield(proto.closed)
             except TimeoutError:
                 idle = time.monotonic() - proto.last_seen
                 if idle > 2 * interval:

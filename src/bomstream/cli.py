@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(health)
     health.add_argument("--url", help="health URL (default: from server.host and server.port)")
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    from bomstream.loadtest.command import add_arguments as add_loadtest_arguments
+
+    load = sub.add_parser("loadtest", help="open many streams, publish paced events, measure")
+    _add_config_args(load)
+    add_loadtest_arguments(load)
     return parser
 
 
@@ -105,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bomstream.healthcheck import health_command
 
         return health_command(cfg, args.url, args.timeout)
+    if args.command == "loadtest":
+        from bomstream.loadtest.command import loadtest_command
+
+        return loadtest_command(cfg, args)
     raise AssertionError(args.command)
 
 
@@ -140,7 +150,7 @@ def _serve(cfg: Config) -> int:
         _run(serve(cfg))
     except OSError as exc:
         print(
-            f"bomstream: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}",
+            f"bomstream: cannot listen on {cfg.server.host}:{cfg.server.port}: {_os_reason(exc)}",
             file=sys.stderr,
         )
         return 1
@@ -163,7 +173,7 @@ def _demo(cfg: Config, args: argparse.Namespace) -> int:
         _run(run_demo(cfg, speed=args.speed, rounds=args.rounds, seed=args.seed))
     except OSError as exc:
         print(
-            f"bomstream: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}",
+            f"bomstream: cannot listen on {cfg.server.host}:{cfg.server.port}: {_os_reason(exc)}",
             file=sys.stderr,
         )
         return 1
@@ -177,6 +187,11 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's own wording (uvloop's messages differ from asyncio's)."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 if __name__ == "__main__":

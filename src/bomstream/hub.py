@@ -22,6 +22,7 @@ from typing import Literal
 
 from bomstream.buffer import BomBuffer
 from bomstream.config import Config
+from bomstream.deadlines import Deadlines
 from bomstream.events import (
     KEEPALIVE_CHUNK,
     Event,
@@ -32,6 +33,7 @@ from bomstream.events import (
 )
 from bomstream.metrics import Metrics
 from bomstream.principal import Principal
+from bomstream.wheel import TimerWheel
 
 log = logging.getLogger("bomstream.hub")
 
@@ -50,8 +52,8 @@ class Subscriber:
     """One open stream. ``done`` resolves with the reason the stream ended."""
 
     __slots__ = (
-        "_deadline",
-        "_timer",
+        "_beat_slot",
+        "_deadline_key",
         "bom_id",
         "catchup_events",
         "delivered_base",
@@ -79,8 +81,10 @@ class Subscriber:
         self.catchup_events = 0
         self.delivered_base = 0
         self.live_events = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        # Slot on the hub's heartbeat wheel; -1 once off it.
+        self._beat_slot = -1
+        # Key on the hub's deadline timer; -1 when the stream has no deadline.
+        self._deadline_key = -1
 
     @property
     def reason(self) -> str | None:
@@ -141,7 +145,8 @@ class Hub:
         self._flush_handle: asyncio.Handle | None = None
         self._retry_chunk = chunk(retry_frame(cfg.server.retry_ms))
         self._send_limit = cfg.server.send_queue_bytes
-        self._heartbeat_s = cfg.server.heartbeat_s
+        self._beats: TimerWheel[Subscriber] = TimerWheel(cfg.server.heartbeat_s, self._heartbeat)
+        self._deadlines: Deadlines[Subscriber] = Deadlines(self.end)
         self.stream_count = 0
         self.streams_by_org: Counter[str | None] = Counter()
         self.closing = False
@@ -369,11 +374,11 @@ class Hub:
         self.stream_count += 1
         self.streams_by_org[org] += 1
         self._metrics.streams_active.set(self.stream_count)
-        sub._timer = loop.call_later(self._heartbeat_s, self._heartbeat, sub)
+        sub._beat_slot = self._beats.add(sub)
         deadline = self._deadline_for(principal)
         if deadline is not None:
             reason, when = deadline
-            sub._deadline = loop.call_later(max(0.0, when), self.end, sub, reason)
+            sub._deadline_key = self._deadlines.add(sub, when, reason)
         return Opened(b"".join(parts), sub, resumed, None, len(catchup))
 
     def _deadline_for(self, principal: Principal) -> tuple[str, float] | None:
@@ -399,8 +404,6 @@ class Hub:
             self._metrics.slow_consumer_disconnects.inc()
             t.abort()
             self._finish(sub, SLOW_CONSUMER)
-            return
-        sub._timer = asyncio.get_running_loop().call_later(self._heartbeat_s, self._heartbeat, sub)
 
     def end(self, sub: Subscriber, reason: str) -> None:
         """End a stream with a ``stream_end`` frame (shutdown, expiry, forbidden...)."""
@@ -421,12 +424,12 @@ class Hub:
 
     def detach(self, sub: Subscriber) -> None:
         """Remove a stream from the broker; safe to call more than once."""
-        if sub._timer is not None:
-            sub._timer.cancel()
-            sub._timer = None
-        if sub._deadline is not None:
-            sub._deadline.cancel()
-            sub._deadline = None
+        if sub._beat_slot >= 0:
+            self._beats.remove(sub, sub._beat_slot)
+            sub._beat_slot = -1
+        if sub._deadline_key >= 0:
+            self._deadlines.remove(sub, sub._deadline_key)
+            sub._deadline_key = -1
         ch = self._channels.get(sub.bom_id)
         if ch is None:
             return

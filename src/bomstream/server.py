@@ -124,7 +124,13 @@ async def start(cfg: Config) -> RunningGateway:
     )
     await runner.setup()
     site = web.TCPSite(runner, cfg.server.host, cfg.server.port, backlog=4096, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        # setup() already started the owner tasks (Redis feed, sweeper); a
+        # failed bind must stop them, or the process would never exit.
+        await runner.cleanup()
+        raise
     host, port = runner.addresses[0][:2]
     return RunningGateway(runner, app, str(host), int(port))
 

@@ -87,6 +87,11 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204)
 
     resp = web.StreamResponse(headers=SSE_HEADERS)
+    # A stream ends by closing its connection (spec section 4), so the
+    # connection is never reused; this also drops aiohttp's idle-keep-alive
+    # timer, which would otherwise sit on every open stream.
+    resp.force_close()
+    request.protocol.keep_alive(False)
     await resp.prepare(request)
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -110,6 +115,9 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     reason: str | None = opened.end_reason
     sent = opened.catchup_events
+    resumed = opened.resumed
+    # The first bytes are sent; a stream that stays open for hours need not hold them.
+    del opened
     try:
         if sub is not None:
             # Shielded: a client disconnect cancels this handler, and must not
@@ -127,7 +135,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
                     "bom_id": bom_id,
                     "org": principal.org or "*",
                     "reason": reason,
-                    "resumed": opened.resumed,
+                    "resumed": resumed,
                     "events_sent": sent,
                     "duration_s": round(time.monotonic() - started, 3),
                 }

@@ -1,0 +1,34 @@
+"""Another process's resident memory and CPU time, read from /proc (Linux)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSample:
+    rss_kb: int
+    cpu_s: float
+
+
+def sample(pid: int) -> ProcSample | None:
+    """RSS and user+system CPU seconds of ``pid``, or None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            status = fh.read()
+    except OSError:
+        return None
+    # The command name may hold spaces; fields are counted after its ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    cpu = (int(fields[11]) + int(fields[12])) / _TICKS
+    rss = 0
+    for line in status.splitlines():
+        if line.startswith(b"VmRSS:"):
+            rss = int(line.split()[1])
+            break
+    return ProcSample(rss, cpu)
