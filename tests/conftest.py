@@ -32,7 +32,7 @@ def redis_server() -> Iterator[RedisProcess]:
     try:
         yield proc
     finally:
-        proc.kill()
+        proc.close()
 
 
 def gateway_config(**overrides: Any) -> Any:

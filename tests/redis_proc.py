@@ -74,6 +74,11 @@ class RedisProcess:
             self.proc.wait()
             self.proc = None
 
+    def close(self) -> None:
+        """Kill it for good and remove its working directory."""
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def restart(self) -> None:
         self.kill()
         self.start()

@@ -152,7 +152,7 @@ async def test_redis_down_at_start_then_comes_up(
             redis.publish("enrichment:bom-late", json.dumps(progress("bom-late", 1)))
             assert (await s.next_event()).id == "bom-late-e1"
     finally:
-        redis.kill()
+        redis.close()
 
 
 BAD_MESSAGES: list[tuple[str, bytes, str]] = [
