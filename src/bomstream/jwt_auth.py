@@ -10,6 +10,7 @@ and EC algorithms only ever use public keys of that type. That is what keeps
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -244,7 +245,8 @@ class JwtVerifier:
         role = claims.get("role")
         sub = claims.get("sub")
         return Claims(
-            org=org if isinstance(org, str) and org else None,
+            # Interned: every stream of an org then shares one string.
+            org=sys.intern(org) if isinstance(org, str) and org else None,
             role=role if isinstance(role, str) else None,
             subject=sub if isinstance(sub, str) else None,
             expires_at=float(exp) + cfg.leeway_s,
