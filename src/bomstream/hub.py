@@ -229,7 +229,7 @@ class Hub:
             if not group.subs:
                 continue
             if org is not None and ch.owner is not None and ch.owner != org:
-                self._end_group(ch, group, FORBIDDEN)
+                self._end_group(group, FORBIDDEN)
                 continue
             if org is None:
                 visible = len(pending)
@@ -248,16 +248,14 @@ class Hub:
                 written_all = True
             group.delivered += visible
             delivered += visible * len(group.subs)
-            self._write_group(ch, group, blob, terminal)
+            self._write_group(group, blob, terminal)
         self._metrics.events_delivered.inc(delivered)
         observe = self._metrics.publish_to_write.observe
         for ev in pending if written_all else written_some.values():
             # created_at comes from the worker's clock; skew must not make it negative.
             observe(max(0.0, now - (ev.created_at or ev.received_at)))
 
-    def _write_group(
-        self, ch: _Channel, group: _Group, blob: bytes, terminal: Event | None
-    ) -> None:
+    def _write_group(self, group: _Group, blob: bytes, terminal: Event | None) -> None:
         limit = self._send_limit
         gone: list[tuple[Subscriber, str]] = []
         for sub in group.subs:
@@ -272,12 +270,18 @@ class Hub:
                 gone.append((sub, SLOW_CONSUMER))
         for sub, reason in gone:
             if reason == SLOW_CONSUMER:
-                self._metrics.slow_consumer_disconnects.inc()
-                # Abort frees the unsent bytes now; the client resumes with Last-Event-ID.
-                sub.transport.abort()
-            self._finish(sub, reason)
+                self._cut_slow(sub)
+            else:
+                self._finish(sub, reason)
 
-    def _end_group(self, ch: _Channel, group: _Group, reason: str) -> None:
+    def _cut_slow(self, sub: Subscriber) -> None:
+        """A stream past server.send_queue_bytes: abort frees its unsent bytes now,
+        and the client resumes with Last-Event-ID."""
+        self._metrics.slow_consumer_disconnects.inc()
+        sub.transport.abort()
+        self._finish(sub, SLOW_CONSUMER)
+
+    def _end_group(self, group: _Group, reason: str) -> None:
         for sub in list(group.subs):
             self.end(sub, reason)
 
@@ -401,9 +405,7 @@ class Hub:
             return
         t.write(KEEPALIVE_CHUNK)
         if t.get_write_buffer_size() > self._send_limit:
-            self._metrics.slow_consumer_disconnects.inc()
-            t.abort()
-            self._finish(sub, SLOW_CONSUMER)
+            self._cut_slow(sub)
 
     def end(self, sub: Subscriber, reason: str) -> None:
         """End a stream with a ``stream_end`` frame (shutdown, expiry, forbidden...)."""

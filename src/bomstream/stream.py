@@ -55,10 +55,6 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     try:
         bom_id = checked_bom_id(request)
-    except ApiError as err:
-        gw.metrics.streams_opened.labels(str(err.status)).inc()
-        raise
-    try:
         principal = await gw.auth.authenticate_reader(request, bom_id)
     except ApiError as err:
         gw.metrics.streams_opened.labels(str(err.status)).inc()
