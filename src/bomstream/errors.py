@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -48,8 +49,21 @@ def error_response(err: ApiError) -> web.Response:
     return json_response({"error": err.message, "code": err.code}, err.status, err.headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def error_middleware(streams: Collection[Handler]) -> Middleware:
+    """JSON errors for every route. A handler in ``streams`` answers its own
+    errors: it may stay open for hours, and a middleware coroutine wrapped
+    around it would hold a frame for all that time on every stream."""
+
+    @web.middleware
+    def middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+        if request.match_info.handler in streams:
+            return handler(request)
+        return _json_errors(request, handler)
+
+    return middleware
+
+
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as err:

@@ -49,7 +49,8 @@ Access = Literal["ok", "forbidden", "finished"]
 
 
 class Subscriber:
-    """One open stream. ``done`` resolves with the reason the stream ended."""
+    """One open stream. ``reason`` is set once it ends, and ``done`` wakes its
+    handler; a handler cancelled by a disconnect may cancel ``done`` itself."""
 
     __slots__ = (
         "_beat_slot",
@@ -62,6 +63,7 @@ class Subscriber:
         "live_events",
         "opened_at",
         "principal",
+        "reason",
         "transport",
     )
 
@@ -76,7 +78,8 @@ class Subscriber:
         self.principal = principal
         self.group = principal.org
         self.transport = transport
-        self.done: asyncio.Future[str] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.reason: str | None = None
         self.opened_at = time.monotonic()
         self.catchup_events = 0
         self.delivered_base = 0
@@ -85,10 +88,6 @@ class Subscriber:
         self._beat_slot = -1
         # Key on the hub's deadline timer; -1 when the stream has no deadline.
         self._deadline_key = -1
-
-    @property
-    def reason(self) -> str | None:
-        return self.done.result() if self.done.done() else None
 
 
 class _Group:
@@ -398,7 +397,7 @@ class Hub:
 
     def _heartbeat(self, sub: Subscriber) -> None:
         t = sub.transport
-        if sub.done.done():
+        if sub.reason is not None:
             return
         if t.is_closing():
             self._finish(sub, CLIENT_GONE)
@@ -409,7 +408,7 @@ class Hub:
 
     def end(self, sub: Subscriber, reason: str) -> None:
         """End a stream with a ``stream_end`` frame (shutdown, expiry, forbidden...)."""
-        if sub.done.done():
+        if sub.reason is not None:
             return
         t = sub.transport
         if not t.is_closing():
@@ -418,10 +417,9 @@ class Hub:
 
     def _finish(self, sub: Subscriber, reason: str) -> None:
         """Unregister a stream and tell its handler why it ended."""
-        if sub.done.done():
+        if sub.reason is not None:
             return
-        sub.done.set_result(reason)
-        self._metrics.stream_end.labels(reason).inc()
+        self._settle(sub, reason)
         self.detach(sub)
 
     def detach(self, sub: Subscriber) -> None:
@@ -449,9 +447,14 @@ class Hub:
             del ch.groups[sub.group]
             if not ch.groups and len(ch.buffer) == 0:
                 del self._channels[sub.bom_id]
+        if sub.reason is None:
+            self._settle(sub, CLIENT_GONE)
+
+    def _settle(self, sub: Subscriber, reason: str) -> None:
+        sub.reason = reason
+        self._metrics.stream_end.labels(reason).inc()
         if not sub.done.done():
-            sub.done.set_result(CLIENT_GONE)
-            self._metrics.stream_end.labels(CLIENT_GONE).inc()
+            sub.done.set_result(None)
 
     def events_sent(self, sub: Subscriber) -> int:
         """Events written to a stream: its catch-up plus live events (after detach)."""

@@ -45,7 +45,7 @@ def make_app(cfg: Config) -> web.Application:
     auth = Authenticator(cfg, metrics, tickets)
     gw = Gateway(cfg=cfg, hub=hub, broker=broker, metrics=metrics, auth=auth)
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware(streams={handle_stream})],
         client_max_size=cfg.limits.max_event_bytes + BODY_SLACK,
     )
     app[GATEWAY] = gw

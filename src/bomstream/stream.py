@@ -7,16 +7,16 @@ itself only waits for the stream to end and logs one line when it does.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from aiohttp import web
 
-from bomstream.errors import ApiError
+from bomstream.errors import ApiError, error_response
 from bomstream.events import is_valid_bom_id
 from bomstream.hub import CLIENT_GONE
 from bomstream.logs import FIELDS
+from bomstream.principal import Principal
 from bomstream.state import GATEWAY, Gateway
 
 log = logging.getLogger("bomstream.stream")
@@ -46,41 +46,49 @@ def last_event_id(request: web.Request) -> str | None:
     return value or None
 
 
-def _refuse(gw: Gateway, status: int, code: str, message: str, retry: bool = False) -> ApiError:
-    gw.metrics.streams_opened.labels(str(status)).inc()
+def _refuse(status: int, code: str, message: str, retry: bool = False) -> ApiError:
     return ApiError(status, code, message, {"Retry-After": RETRY_AFTER_S} if retry else None)
 
 
-async def handle_stream(request: web.Request) -> web.StreamResponse:
-    gw = request.app[GATEWAY]
-    try:
-        bom_id = checked_bom_id(request)
-        principal = await gw.auth.authenticate_reader(request, bom_id)
-    except ApiError as err:
-        gw.metrics.streams_opened.labels(str(err.status)).inc()
-        raise
+async def _admit(request: web.Request, gw: Gateway) -> tuple[str, Principal, str | None] | None:
+    """Whether a stream may open: its BOM, caller and resume point, or None
+    when the caller already holds the BOM's terminal event."""
+    bom_id = checked_bom_id(request)
+    principal = await gw.auth.authenticate_reader(request, bom_id)
     hub = gw.hub
     if hub.closing:
-        raise _refuse(gw, 503, "shutting_down", "the gateway is shutting down", retry=True)
+        raise _refuse(503, "shutting_down", "the gateway is shutting down", retry=True)
     if not gw.broker.healthy:
-        raise _refuse(gw, 503, "broker_unavailable", "the event feed is down; retry shortly", True)
+        raise _refuse(503, "broker_unavailable", "the event feed is down; retry shortly", True)
     if hub.stream_count >= gw.cfg.server.max_connections:
-        raise _refuse(gw, 503, "too_many_streams", "the gateway is at its stream limit", True)
+        raise _refuse(503, "too_many_streams", "the gateway is at its stream limit", True)
     org_limit = gw.cfg.limits.max_streams_per_org
     if org_limit and principal.org is not None and hub.streams_by_org[principal.org] >= org_limit:
-        raise _refuse(
-            gw, 429, "org_stream_limit", "too many open streams for this organization", True
-        )
-
+        raise _refuse(429, "org_stream_limit", "too many open streams for this organization", True)
     after = last_event_id(request)
     access = hub.check_access(bom_id, principal, after)
     if access == "forbidden":
-        raise _refuse(gw, 403, "forbidden", "this BOM belongs to another organization")
+        raise _refuse(403, "forbidden", "this BOM belongs to another organization")
     if access == "finished":
+        return None
+    return bom_id, principal, after
+
+
+async def handle_stream(request: web.Request) -> web.StreamResponse:
+    """Answers its own refusals (see :func:`error_middleware`)."""
+    gw = request.app[GATEWAY]
+    try:
+        admitted = await _admit(request, gw)
+    except ApiError as err:
+        gw.metrics.streams_opened.labels(str(err.status)).inc()
+        return error_response(err)
+    if admitted is None:
         # EventSource stops reconnecting for good on 204.
         gw.metrics.streams_opened.labels("204").inc()
         gw.metrics.replay.labels("hit").inc()
         return web.Response(status=204)
+    bom_id, principal, after = admitted
+    del admitted
 
     resp = web.StreamResponse(headers=SSE_HEADERS)
     # A stream ends by closing its connection (spec section 4), so the
@@ -92,9 +100,11 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     if transport is None or transport.is_closing():
         return resp
+    hub = gw.hub
     opened = hub.open(bom_id, principal, after, transport)
     transport.write(opened.initial)
     gw.metrics.streams_opened.labels("ok").inc()
+    resumed = opened.resumed
     log.info(
         "stream opened",
         extra={
@@ -102,41 +112,54 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
                 "bom_id": bom_id,
                 "org": principal.org or "*",
                 "auth": principal.kind,
-                "resumed": opened.resumed,
+                "resumed": resumed,
                 "catchup_events": opened.catchup_events,
             }
         },
     )
     sub = opened.sub
-    started = time.monotonic()
-    reason: str | None = opened.end_reason
-    sent = opened.catchup_events
-    resumed = opened.resumed
-    # The first bytes are sent; a stream that stays open for hours need not hold them.
-    del opened
-    try:
-        if sub is not None:
-            # Shielded: a client disconnect cancels this handler, and must not
-            # cancel the future the hub resolves with the reason.
-            reason = await asyncio.shield(sub.done)
-    finally:
-        if sub is not None:
+    if sub is None:
+        _log_closed(bom_id, principal, opened.end_reason, resumed, opened.catchup_events, 0.0)
+    else:
+        # The first bytes are sent; a stream that stays open for hours need not hold them.
+        del opened
+        try:
+            # A disconnect cancels this handler and with it ``done``; the hub
+            # never needs ``done`` again once the stream is detached below.
+            await sub.done
+        finally:
             hub.detach(sub)
-            reason = sub.reason or CLIENT_GONE
-            sent = hub.events_sent(sub)
-        log.info(
-            "stream closed",
-            extra={
-                FIELDS: {
-                    "bom_id": bom_id,
-                    "org": principal.org or "*",
-                    "reason": reason,
-                    "resumed": resumed,
-                    "events_sent": sent,
-                    "duration_s": round(time.monotonic() - started, 3),
-                }
-            },
-        )
+            _log_closed(
+                bom_id,
+                principal,
+                sub.reason or CLIENT_GONE,
+                resumed,
+                hub.events_sent(sub),
+                time.monotonic() - sub.opened_at,
+            )
     if not transport.is_closing():
         await resp.write_eof()
     return resp
+
+
+def _log_closed(
+    bom_id: str,
+    principal: Principal,
+    reason: str | None,
+    resumed: bool,
+    sent: int,
+    duration_s: float,
+) -> None:
+    log.info(
+        "stream closed",
+        extra={
+            FIELDS: {
+                "bom_id": bom_id,
+                "org": principal.org or "*",
+                "reason": reason,
+                "resumed": resumed,
+                "events_sent": sent,
+                "duration_s": round(duration_s, 3),
+            }
+        },
+    )
