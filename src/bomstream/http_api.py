@@ -70,6 +70,7 @@ async def handle_poll(request: web.Request) -> web.Response:
     principal = await gw.auth.authenticate_reader(request, bom_id)
     limit = _parse_limit(request.query.get("limit"))
     after = request.query.get("after") or None
+    await gw.recall.ensure(bom_id)
     owner = gw.hub.owner(bom_id)
     if principal.org is not None and owner is not None and owner != principal.org:
         raise ApiError(403, "forbidden", "this BOM belongs to another organization")
@@ -107,6 +108,7 @@ async def handle_health(request: web.Request) -> web.Response:
     body = {
         "status": "healthy" if healthy else "unhealthy",
         "redis": gw.broker.status,
+        "history": gw.recall.status,
         "streams": gw.hub.stream_count,
         "boms": gw.hub.bom_count,
         "uptime_s": round(time.monotonic() - gw.started_at, 1),

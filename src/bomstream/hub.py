@@ -17,6 +17,7 @@ import logging
 import random
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +60,7 @@ class Subscriber:
         "catchup_events",
         "delivered_base",
         "done",
+        "gen",
         "group",
         "live_events",
         "opened_at",
@@ -84,6 +86,8 @@ class Subscriber:
         self.catchup_events = 0
         self.delivered_base = 0
         self.live_events = 0
+        # The channel's history merge generation when this stream registered.
+        self.gen = 0
         # Slot on the hub's heartbeat wheel; -1 once off it.
         self._beat_slot = -1
         # Key on the hub's deadline timer; -1 when the stream has no deadline.
@@ -103,7 +107,16 @@ class _Group:
 
 
 class _Channel:
-    __slots__ = ("bom_id", "buffer", "groups", "last_event_at", "owner", "pending")
+    __slots__ = (
+        "bom_id",
+        "buffer",
+        "groups",
+        "history_loaded",
+        "last_event_at",
+        "merge_gen",
+        "owner",
+        "pending",
+    )
 
     def __init__(self, bom_id: str, capacity: int) -> None:
         self.bom_id = bom_id
@@ -113,6 +126,9 @@ class _Channel:
         self.groups: dict[str | None, _Group] = {}
         self.pending: list[Event] = []
         self.last_event_at = time.monotonic()
+        # Whether shared history has been merged into the buffer (see merge_history).
+        self.history_loaded = False
+        self.merge_gen = 0
 
     def has_subscribers(self) -> bool:
         return any(g.subs for g in self.groups.values())
@@ -159,20 +175,71 @@ class Hub:
             ch = self._channels[event.bom_id] = _Channel(
                 event.bom_id, self._cfg.buffer.events_per_bom
             )
-        elif event.event_id in ch.buffer:
-            self._metrics.events_dropped.labels("duplicate").inc()
+        elif (held := ch.buffer.get(event.event_id)) is not None:
+            if held.hist_gen:
+                # Held from history, and this is its first live arrival.
+                self._deliver_late(ch, held)
+                self._metrics.events_received.labels(source).inc()
+            else:
+                self._metrics.events_dropped.labels("duplicate").inc()
             return False
         ch.buffer.append(event)
         if ch.owner is None and event.org is not None:
             ch.owner = event.org
         ch.last_event_at = time.monotonic()
+        self._metrics.events_received.labels(source).inc()
         self._touch(ch)
         ch.pending.append(event)
         if not self._dirty:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_dirty)
         self._dirty[ch.bom_id] = ch
-        self._metrics.events_received.labels(source).inc()
         return True
+
+    def needs_history(self, bom_id: str) -> bool:
+        """Whether the process buffer alone cannot answer for this BOM."""
+        ch = self._channels.get(bom_id)
+        return ch is None or not ch.history_loaded
+
+    def knows(self, bom_id: str) -> bool:
+        return bom_id in self._channels
+
+    def merge_history(self, bom_id: str, events: list[Event]) -> None:
+        """Merge a BOM's history (oldest first) into its buffer, by ``event_id``.
+
+        History events the buffer lacks are either older than anything this
+        process received live (placed before the buffer), or were stored just
+        before their live copy reaches this process (those after the last event
+        both hold: placed after the buffer). Either way they are marked with a
+        new merge generation: streams registered from now on get them through
+        catch-up, and when the live copy arrives it is delivered only to the
+        streams that registered before this merge, so nobody gets it twice.
+        """
+        ch = self._channels.get(bom_id)
+        if ch is None:
+            if not events:
+                return
+            ch = self._channels[bom_id] = _Channel(bom_id, self._cfg.buffer.events_per_bom)
+        if ch.pending:
+            self._flush(ch)
+            self._dirty.pop(bom_id, None)
+        ch.history_loaded = True
+        held = ch.buffer
+        last_common = max((i for i, e in enumerate(events) if e.event_id in held), default=-1)
+        older = [e for e in events[: last_common + 1] if e.event_id not in held]
+        newer = [e for e in events[last_common + 1 :] if e.event_id not in held]
+        if last_common < 0:
+            older, newer = newer, []
+        if not older and not newer:
+            return
+        ch.merge_gen += 1
+        for ev in older:
+            ev.hist_gen = ch.merge_gen
+        for ev in newer:
+            ev.hist_gen = ch.merge_gen
+        held.replace([*older, *held, *newer])
+        ch.owner = next((e.org for e in held if e.org is not None), None)
+        ch.last_event_at = time.monotonic()
+        self._touch(ch)
 
     def _touch(self, ch: _Channel) -> None:
         recency = self._recency
@@ -193,6 +260,7 @@ class Hub:
         self._dirty.pop(bom_id, None)
         if ch.has_subscribers():
             ch.buffer.clear()
+            ch.history_loaded = False
         else:
             del self._channels[bom_id]
 
@@ -254,10 +322,37 @@ class Hub:
             # created_at comes from the worker's clock; skew must not make it negative.
             observe(max(0.0, now - (ev.created_at or ev.received_at)))
 
+    def _deliver_late(self, ch: _Channel, ev: Event) -> None:
+        """The live copy of an event first held from history: write it to the
+        streams that registered before it was merged (the rest had it in catch-up)."""
+        gen, ev.hist_gen = ev.hist_gen, 0
+        if ch.pending:
+            self._flush(ch)
+            self._dirty.pop(ch.bom_id, None)
+        for org, group in list(ch.groups.items()):
+            subs = [s for s in group.subs if s.gen < gen]
+            if not subs:
+                continue
+            visible = _visible(ev, org)
+            blob = ev.chunk if visible else b""
+            if ev.terminal:
+                blob += stream_end_chunk(ev.event_type)
+            if not blob:
+                continue
+            if visible:
+                # A stream's count of events sent is group.delivered minus its base.
+                for sub in subs:
+                    sub.delivered_base -= 1
+                self._metrics.events_delivered.inc(len(subs))
+            self._write_to(subs, blob, ev if ev.terminal else None)
+
     def _write_group(self, group: _Group, blob: bytes, terminal: Event | None) -> None:
+        self._write_to(group.subs, blob, terminal)
+
+    def _write_to(self, subs: Iterable[Subscriber], blob: bytes, terminal: Event | None) -> None:
         limit = self._send_limit
         gone: list[tuple[Subscriber, str]] = []
-        for sub in group.subs:
+        for sub in subs:
             t = sub.transport
             if t.is_closing():
                 gone.append((sub, CLIENT_GONE))
@@ -369,6 +464,7 @@ class Hub:
         loop = asyncio.get_running_loop()
         sub = Subscriber(bom_id, principal, transport, loop)
         sub.catchup_events = len(catchup)
+        sub.gen = ch.merge_gen
         group = ch.groups.get(org)
         if group is None:
             group = ch.groups[org] = _Group()

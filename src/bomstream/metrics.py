@@ -68,5 +68,25 @@ class Metrics:
             registry=r,
         )
 
+        self.history_reads = Counter(
+            "bomstream_history_reads",
+            "Shared-history reads: hit (events found), miss (none) or error.",
+            ["result"],
+            registry=r,
+        )
+        self.history_read_seconds = Histogram(
+            "bomstream_history_read_seconds",
+            "Duration of shared-history reads, errors included.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.history_writes = Counter(
+            "bomstream_history_writes",
+            "Events this instance offered to Redis history: stored, duplicate"
+            " (stored already), dropped (queue full while Redis was away).",
+            ["result"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,8 @@ from bomstream.broker_redis import RedisBroker
 from bomstream.config import Config
 from bomstream.cors import setup_cors
 from bomstream.errors import error_middleware
+from bomstream.history import make_backend
+from bomstream.history.recall import Recall
 from bomstream.http_api import handle_health, handle_metrics, handle_poll, handle_publish
 from bomstream.hub import SERVER_SHUTDOWN, Hub
 from bomstream.logs import FIELDS
@@ -40,10 +42,16 @@ IDLE_KEEPALIVE_S = 75.0
 def make_app(cfg: Config) -> web.Application:
     metrics = Metrics()
     hub = Hub(cfg, metrics)
-    broker: Broker = RedisBroker(cfg, hub, metrics) if cfg.redis.url else MemoryBroker(hub)
+    history = make_backend(cfg, metrics)
+    recall = Recall(cfg, hub, metrics, history)
+    broker: Broker
+    if cfg.redis.url:
+        broker = RedisBroker(cfg, hub, metrics, record=history.record if history else None)
+    else:
+        broker = MemoryBroker(hub)
     tickets = make_ticket_store(cfg.redis.url, cfg.auth.ticket_ttl_s)
     auth = Authenticator(cfg, metrics, tickets)
-    gw = Gateway(cfg=cfg, hub=hub, broker=broker, metrics=metrics, auth=auth)
+    gw = Gateway(cfg=cfg, hub=hub, broker=broker, metrics=metrics, auth=auth, recall=recall)
     app = web.Application(
         middlewares=[error_middleware(streams={handle_stream})],
         client_max_size=cfg.limits.max_event_bytes + BODY_SLACK,
@@ -65,10 +73,11 @@ def make_app(cfg: Config) -> web.Application:
 
 
 async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
-    """Owner tasks of the broker connection and the buffer sweeper."""
+    """Owner tasks of the broker connection, the history connections and the buffer sweeper."""
     gw = app[GATEWAY]
     tasks = [
         asyncio.create_task(gw.broker.run(), name="broker"),
+        asyncio.create_task(gw.recall.run(), name="history"),
         asyncio.create_task(gw.hub.run_sweeper(), name="sweeper"),
     ]
     yield
@@ -78,6 +87,7 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await gw.broker.close()
+    await gw.recall.close()
     await gw.auth.tickets.close()
 
 
@@ -148,6 +158,7 @@ async def serve(cfg: Config) -> None:
             FIELDS: {
                 "url": running.url,
                 "broker": "redis" if cfg.redis.url else "embedded",
+                "history": cfg.history_backend,
                 "auth": "open" if cfg.open_mode else "token",
             }
         },

@@ -11,6 +11,7 @@ from aiohttp import web
 from bomstream.auth import Authenticator
 from bomstream.broker import Broker
 from bomstream.config import Config
+from bomstream.history.recall import Recall
 from bomstream.hub import Hub
 from bomstream.logs import DropReporter
 from bomstream.metrics import Metrics
@@ -23,6 +24,7 @@ class Gateway:
     broker: Broker
     metrics: Metrics
     auth: Authenticator
+    recall: Recall
     started_at: float = field(default_factory=time.monotonic)
     http_drops: DropReporter = field(
         default_factory=lambda: DropReporter(logging.getLogger("bomstream.api"), "http")
