@@ -34,6 +34,11 @@ from bomstream.history.redis_scripts import APPEND_AND_PUBLISH, ids_key, stream_
 
 __all__ = ["AsyncPublisher", "EventRejected", "Published", "Publisher", "prepare_event"]
 
+# A connection dropped since its last use (Redis restarted, a failover) is
+# retried on a fresh one. Safe: the script stores an event_id once, and
+# without history the gateways drop a repeated event_id.
+RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
+
 
 @dataclass(frozen=True, slots=True)
 class Published:
@@ -178,7 +183,10 @@ class Publisher(_PublisherBase):
         super().__init__(redis_url, **options)
         s = self.settings
         self._client = redis.Redis.from_url(
-            s.redis_url, socket_connect_timeout=s.timeout_s, socket_timeout=s.timeout_s
+            s.redis_url,
+            socket_connect_timeout=s.timeout_s,
+            socket_timeout=s.timeout_s,
+            retry_on_error=RETRY_ON,
         )
         self._script = self._client.register_script(APPEND_AND_PUBLISH)
 
@@ -213,7 +221,10 @@ class AsyncPublisher(_PublisherBase):
         super().__init__(redis_url, **options)
         s = self.settings
         self._client = aioredis.Redis.from_url(
-            s.redis_url, socket_connect_timeout=s.timeout_s, socket_timeout=s.timeout_s
+            s.redis_url,
+            socket_connect_timeout=s.timeout_s,
+            socket_timeout=s.timeout_s,
+            retry_on_error=RETRY_ON,
         )
         self._script = self._client.register_script(APPEND_AND_PUBLISH)
 

@@ -23,7 +23,9 @@ import logging
 from collections import deque
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bomstream.config import Config
 from bomstream.events import Event
@@ -53,6 +55,8 @@ class RedisStreamHistory:
             cfg.redis.url,
             socket_connect_timeout=cfg.history.timeout_s,
             socket_timeout=cfg.history.timeout_s,
+            # Reads and store-once appends are safe to retry on a fresh connection.
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._append = self._client.register_script(APPEND)
         self._queue: deque[Event] = deque()
