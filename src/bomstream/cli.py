@@ -144,7 +144,7 @@ def _serve(cfg: Config) -> int:
     setup_logging(
         cfg.server.log_format,
         cfg.server.log_level,
-        secrets=(a.admin_token, a.jwt_secret, cfg.metrics.token),
+        secrets=(a.admin_token, a.jwt_secret, cfg.metrics.token, *cfg.url_passwords),
     )
     try:
         _run(serve(cfg))

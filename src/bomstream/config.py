@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from bomstream.events import EVENT_TYPE_RE
 
@@ -134,6 +134,19 @@ class Config:
     def history_backend(self) -> str:
         """``none``, ``redis`` or ``postgres``, with the default resolved."""
         return self.history.resolved_backend(self.redis.url)
+
+    @property
+    def url_passwords(self) -> tuple[str, ...]:
+        """Passwords inside the Redis and history URLs, for the log redactor."""
+        out = []
+        for url in (self.redis.url, self.history.url):
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                password = None
+            if password:
+                out.append(unquote(password))
+        return tuple(out)
 
     @property
     def open_mode(self) -> bool:

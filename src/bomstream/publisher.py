@@ -27,6 +27,9 @@ from typing import Any, Self
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry as SyncRetry
 
 from bomstream.config import DEFAULT_TERMINAL_TYPES, Config, ConfigError, load_config
 from bomstream.events import Event, EventRejected, is_safe_event_id, is_valid_bom_id, parse_event
@@ -35,9 +38,12 @@ from bomstream.history.redis_scripts import APPEND_AND_PUBLISH, ids_key, stream_
 __all__ = ["AsyncPublisher", "EventRejected", "Published", "Publisher", "prepare_event"]
 
 # A connection dropped since its last use (Redis restarted, a failover) is
-# retried on a fresh one. Safe: the script stores an event_id once, and
-# without history the gateways drop a repeated event_id.
+# retried on a fresh one, once, soon: a publish must fail fast when Redis is
+# really down. Safe: the script stores an event_id once, and without history
+# the gateways drop a repeated event_id.
 RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
+SYNC_RETRY = SyncRetry(ConstantBackoff(0.05), retries=1)
+ASYNC_RETRY = AsyncRetry(ConstantBackoff(0.05), retries=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +193,7 @@ class Publisher(_PublisherBase):
             socket_connect_timeout=s.timeout_s,
             socket_timeout=s.timeout_s,
             retry_on_error=RETRY_ON,
+            retry=SYNC_RETRY,
         )
         self._script = self._client.register_script(APPEND_AND_PUBLISH)
 
@@ -225,6 +232,7 @@ class AsyncPublisher(_PublisherBase):
             socket_connect_timeout=s.timeout_s,
             socket_timeout=s.timeout_s,
             retry_on_error=RETRY_ON,
+            retry=ASYNC_RETRY,
         )
         self._script = self._client.register_script(APPEND_AND_PUBLISH)
 

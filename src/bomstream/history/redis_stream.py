@@ -23,6 +23,8 @@ import logging
 from collections import deque
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -57,6 +59,7 @@ class RedisStreamHistory:
             socket_timeout=cfg.history.timeout_s,
             # Reads and store-once appends are safe to retry on a fresh connection.
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            retry=Retry(ConstantBackoff(0.05), retries=1),
         )
         self._append = self._client.register_script(APPEND)
         self._queue: deque[Event] = deque()
