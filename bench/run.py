@@ -104,7 +104,8 @@ def redis_server() -> Iterator[str]:
         proc.wait()
 
 
-def write_config(redis_url: str, port: int) -> Path:
+def write_config(redis_url: str, port: int, extra: str = "") -> Path:
+    """A gateway config for one run; ``extra`` is more TOML (whole sections)."""
     path = Path(tempfile.mkstemp(prefix="bomstream-bench-", suffix=".toml")[1])
     path.write_text(
         f"""[server]
@@ -120,7 +121,7 @@ url = "{redis_url}"
 [auth]
 admin_token = "{ADMIN_TOKEN}"
 jwt_secret = "{JWT_SECRET}"
-"""
+{extra}"""
     )
     return path
 
