@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from bomstream.publisher import Publisher
+from tests.authkit import SECRET, org_token
 from tests.conftest import progress, publish
 from tests.gateway_proc import GatewayProcess
 from tests.metrics_scrape import scrape, value
@@ -248,3 +249,29 @@ async def test_redis_restarted_with_history_on_delivers_nothing_twice(
     assert [f.id for f in frames] == ["bom-r-e3", "bom-r-e4", "bom-r-e5"]
     health = await g.health(http)
     assert health["history"] == "ok"
+
+
+async def test_org_scoping_applies_to_history_rows_on_a_fresh_instance(
+    redis_server: RedisProcess, gateways: list[GatewayProcess], http: aiohttp.ClientSession
+) -> None:
+    with Publisher(redis_server.url) as pub:
+        pub.publish("bom-g", progress("bom-g", 1, organization_id="org-a"))
+        pub.publish("bom-g", progress("bom-g", 2))  # names no org: admin streams only
+        pub.publish("bom-g", progress("bom-g", 3, organization_id="org-a"))
+    g = await started(gateways, redis_server, http, auth_jwt_secret=SECRET)
+    url = f"{g.url}/api/enrichment/stream/bom-g"
+    other = {"Authorization": f"Bearer {org_token('org-b')}"}
+    async with http.get(url, headers=other) as resp:
+        assert resp.status == 403
+    mine = {"Authorization": f"Bearer {org_token('org-a')}", "Last-Event-ID": "bom-g-e1"}
+    async with http.get(url, headers=mine) as resp:
+        assert resp.status == 200
+        s = SSEStream(resp)
+        assert (await s.next_event()).json()["resumed"] is True  # type: ignore[union-attr]
+        assert (await s.next_event()).id == "bom-g-e3"  # type: ignore[union-attr]
+    poll = f"{g.url}/api/enrichment/events/bom-g"
+    async with http.get(poll, headers={"Authorization": mine["Authorization"]}) as resp:
+        body = await resp.json()
+    assert [e["event_id"] for e in body["events"]] == ["bom-g-e1", "bom-g-e3"]
+    async with http.get(poll, headers=other) as resp:
+        assert resp.status == 403
