@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from bomstream.loadtest.runner import LoadOptions, LoadTest
+from bomstream.loadtest.options import LoadOptions
+from bomstream.loadtest.runner import LoadTest
 from tests.gateway_proc import GatewayProcess
 from tests.redis_proc import RedisProcess
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import orjson
 
 from bomstream.config import Config
+from bomstream.loadtest.options import LoadOptions, PublishVia
 from bomstream.loadtest.report import Report
-from bomstream.loadtest.runner import LoadOptions, LoadTest, PublishVia
+from bomstream.loadtest.runner import LoadTest
 from bomstream.loadtest.token import mint_token
 
 DEFAULT_ORG = "loadtest-org"

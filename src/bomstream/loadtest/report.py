@@ -3,53 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bomstream.loadtest.procstat import ProcSample
+from bomstream.loadtest.options import LoadOptions
 from bomstream.loadtest.publisher import PublishStats
-
-if TYPE_CHECKING:
-    from bomstream.loadtest.runner import LoadTest
+from bomstream.loadtest.records import GatewayUsage, StreamCounts
 
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99_9", 0.999))
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayUsage:
-    pid: int
-    rss_kb_before: int
-    rss_kb_connected: int
-    rss_kb_held: int
-    cpu_s_connect: float
-    cpu_s_publish: float | None
-    rss_kb_after_publish: int | None
-
-    @classmethod
-    def of(
-        cls,
-        pid: int | None,
-        before: ProcSample | None,
-        connected: ProcSample | None,
-        held: ProcSample | None,
-        pub_start: ProcSample | None,
-        pub_end: ProcSample | None,
-    ) -> GatewayUsage | None:
-        if pid is None or before is None or connected is None or held is None:
-            return None
-        cpu_publish = None
-        rss_after = None
-        if pub_start is not None and pub_end is not None and pub_end is not held:
-            cpu_publish = round(pub_end.cpu_s - pub_start.cpu_s, 3)
-            rss_after = pub_end.rss_kb
-        return cls(
-            pid,
-            before.rss_kb,
-            connected.rss_kb,
-            held.rss_kb,
-            round(connected.cpu_s - before.cpu_s, 3),
-            cpu_publish,
-            rss_after,
-        )
 
 
 @dataclass(slots=True)
@@ -59,8 +19,9 @@ class Report:
     @classmethod
     def build(
         cls,
-        lt: LoadTest,
-        published: list[int],
+        opts: LoadOptions,
+        run_id: str,
+        counts: StreamCounts,
         publish: PublishStats | None,
         *,
         connect_s: float,
@@ -68,36 +29,24 @@ class Report:
         client_cpu_s: float,
         gateway: GatewayUsage | None,
     ) -> Report:
-        opts = lt.opts
-        slow = opts.slow_consumers
-        accounted = [i for i in range(opts.connections) if lt.ever_open[i] and i >= slow]
-        expected = lost = received = dups = ooo = with_loss = 0
-        for i in accounted:
-            t = lt.tallies[i]
-            want = published[i % opts.boms]
-            expected += want
-            missing = t.lost(want)
-            lost += missing
-            with_loss += missing > 0
-            received += t.received
-            dups += t.duplicates
-            ooo += t.out_of_order
-        hist = lt.latency
+        c = counts
+        received = c.received
+        hist = c.latency
         elapsed = (publish.elapsed + drain_s) if publish is not None else 0.0
         data: dict[str, Any] = {
-            "run": lt.run_id,
+            "run": run_id,
             "url": opts.url,
             "connections": {
                 "target": opts.connections,
-                "established": lt.established,
-                "failed": dict(lt.failed),
+                "established": c.established,
+                "failed": dict(c.failed),
                 "time_to_connect_s": round(connect_s, 3),
                 "connect_rate_target": opts.connect_rate,
-                "source_ips": len(lt.sources),
-                "reconnects": lt.reconnects,
-                "stream_end_reasons": dict(lt.end_reasons),
-                "slow_consumers": slow,
-                "slow_consumers_cut": sum(lt.cut[:slow]),
+                "source_ips": max(1, opts.source_ips),
+                "reconnects": c.reconnects,
+                "stream_end_reasons": dict(c.end_reasons),
+                "slow_consumers": c.slow_consumers,
+                "slow_consumers_cut": c.slow_consumers_cut,
             },
             "boms": opts.boms,
             "publish": {
@@ -109,14 +58,14 @@ class Report:
                 "achieved_rate": round(publish.achieved_rate, 1) if publish else 0.0,
             },
             "deliveries": {
-                "expected": expected,
+                "expected": c.expected,
                 "received": received,
-                "lost": lost,
-                "duplicates": dups,
-                "out_of_order": ooo,
-                "streams_with_loss": with_loss,
-                "misrouted": lt.misrouted,
-                "foreign": lt.foreign,
+                "lost": c.lost,
+                "duplicates": c.duplicates,
+                "out_of_order": c.out_of_order,
+                "streams_with_loss": c.streams_with_loss,
+                "misrouted": c.misrouted,
+                "foreign": c.foreign,
                 "per_s": round(received / elapsed, 1) if elapsed > 0 else 0.0,
                 "drain_s": round(drain_s, 3),
             },
@@ -126,8 +75,8 @@ class Report:
                 "mean": round(hist.mean / 1000, 3),
                 "samples": hist.count,
             },
-            "bytes_received": lt.bytes,
-            "keepalives": lt.keepalives,
+            "bytes_received": c.bytes,
+            "keepalives": c.keepalives,
             "client_cpu_s_publish": round(client_cpu_s, 3),
         }
         if gateway is not None:
@@ -140,9 +89,9 @@ class Report:
                 "cpu_s_publish": gateway.cpu_s_publish,
                 "rss_kb_after_publish": gateway.rss_kb_after_publish,
             }
-            if lt.established:
+            if c.established:
                 grown = gateway.rss_kb_held - gateway.rss_kb_before
-                g["rss_kb_per_stream"] = round(grown / lt.established, 2)
+                g["rss_kb_per_stream"] = round(grown / c.established, 2)
             if gateway.cpu_s_publish is not None and received:
                 g["cpu_s_per_100k_deliveries"] = round(
                     gateway.cpu_s_publish * 100_000 / received, 3

@@ -12,13 +12,13 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import urlsplit
 
 from bomstream.loadtest import procstat
 from bomstream.loadtest.histogram import LogHistogram
+from bomstream.loadtest.options import LoadOptions
 from bomstream.loadtest.publisher import (
     EventFactory,
     HttpSender,
@@ -27,42 +27,16 @@ from bomstream.loadtest.publisher import (
     Sender,
     publish_paced,
 )
-from bomstream.loadtest.report import GatewayUsage, Report
+from bomstream.loadtest.records import GatewayUsage, StreamCounts
+from bomstream.loadtest.report import Report
 from bomstream.loadtest.sseclient import SSEConnection, build_request
 from bomstream.loadtest.tally import StreamTally
 
-PublishVia = Literal["redis", "http", "none"]
 # In-flight connection attempts at once; the kernel's accept backlog is the limit.
 MAX_CONNECTING = 512
 RECONNECT_DELAY_S = (0.5, 1.5)
 # Linux's IP_BIND_ADDRESS_NO_PORT (not exported by every Python build).
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadOptions:
-    url: str
-    connections: int
-    boms: int
-    connect_rate: float = 2000.0
-    source_ips: int = 1
-    rate: float = 0.0
-    duration: float = 0.0
-    hold_s: float = 0.0
-    drain_s: float = 5.0
-    connect_timeout_s: float = 10.0
-    publish_via: PublishVia = "none"
-    redis_url: str = ""
-    channel_prefix: str = "enrichment:"
-    token: str | None = None
-    token_for: Callable[[int], str] | None = None
-    publish_token: str | None = None
-    org: str | None = None
-    bom_prefix: str = "lt"
-    gateway_pid: int | None = None
-    reconnect: bool = True
-    slow_consumers: int = 0
-    progress: bool = True
 
 
 def raise_open_files_limit() -> int:
@@ -288,8 +262,9 @@ class LoadTest:
                 sys.stderr.write("\n")
         usage = GatewayUsage.of(pid, before, connected, held, pub_start, pub_end)
         return Report.build(
-            self,
-            factory.published,
+            opts,
+            self.run_id,
+            self.counts(factory.published),
             publish,
             connect_s=connect_s,
             drain_s=drain_s,
@@ -303,6 +278,40 @@ class LoadTest:
         if opts.publish_via == "redis":
             return RedisSender(opts.redis_url, opts.channel_prefix)
         return HttpSender(opts.url, opts.publish_token)
+
+    def counts(self, published: list[int]) -> StreamCounts:
+        """What the streams counted, against ``published`` events per BOM."""
+        opts = self.opts
+        slow = opts.slow_consumers
+        c = StreamCounts(
+            streams=opts.connections,
+            established=self.established,
+            reconnects=self.reconnects,
+            slow_consumers=slow,
+            slow_consumers_cut=sum(self.cut[:slow]),
+            misrouted=self.misrouted,
+            foreign=self.foreign,
+            bytes=self.bytes,
+            keepalives=self.keepalives,
+            failed=Counter(self.failed),
+            end_reasons=Counter(self.end_reasons),
+            latency=self.latency,
+            first_attempt_at=self.first_attempt_at,
+            last_open_at=self.last_open_at,
+        )
+        for i in range(slow, opts.connections):
+            if not self.ever_open[i]:
+                continue
+            t = self.tallies[i]
+            want = published[i % opts.boms]
+            missing = t.lost(want)
+            c.expected += want
+            c.lost += missing
+            c.streams_with_loss += missing > 0
+            c.received += t.received
+            c.duplicates += t.duplicates
+            c.out_of_order += t.out_of_order
+        return c
 
     def expected_total(self, published: list[int]) -> int:
         boms = self.opts.boms
