@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -13,8 +12,8 @@ import orjson
 from bomstream.config import Config
 from bomstream.loadtest.options import LoadOptions, PublishVia
 from bomstream.loadtest.report import Report
-from bomstream.loadtest.runner import LoadTest
-from bomstream.loadtest.token import mint_token
+from bomstream.loadtest.run import run_load
+from bomstream.loadtest.token import TokenMint, mint_token
 
 DEFAULT_ORG = "loadtest-org"
 
@@ -65,17 +64,13 @@ def options_from(cfg: Config, args: argparse.Namespace) -> LoadOptions:
     if args.rate > 0 and args.duration > 0:
         via = "redis" if redis_url and not args.http_publish else "http"
     org = args.org
-    token_for: Callable[[int], str] | None = None
+    mint: TokenMint | None = None
     publish_token = args.publish_token or cfg.auth.admin_token or None
     if args.mint_token:
         secret, claim, ttl = cfg.auth.jwt_secret, cfg.auth.org_claim, args.token_ttl
         org = org or DEFAULT_ORG
         mint_token(secret, claim, org, subject="loadtest-check", ttl_s=ttl)  # fail early
-        minted_org = org
-
-        def token_for(i: int) -> str:
-            return mint_token(secret, claim, minted_org, subject=f"loadtest-{i}", ttl_s=ttl)
-
+        mint = TokenMint(secret, claim, org, ttl)
         if publish_token is None:
             publish_token = mint_token(
                 secret, claim, org, subject="loadtest-publisher", ttl_s=ttl, role="service_role"
@@ -94,7 +89,7 @@ def options_from(cfg: Config, args: argparse.Namespace) -> LoadOptions:
         redis_url=redis_url,
         channel_prefix=cfg.redis.channel_prefix,
         token=args.token or (None if args.mint_token else cfg.auth.admin_token or None),
-        token_for=token_for,
+        mint=mint,
         publish_token=publish_token,
         org=org,
         gateway_pid=args.gateway_pid,
@@ -115,7 +110,11 @@ def loadtest_command(cfg: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bomstream: {exc}", file=sys.stderr)
         return 2
-    report = _run(LoadTest(opts))
+    try:
+        report = _run(opts)
+    except KeyboardInterrupt:
+        print("bomstream: interrupted; no report", file=sys.stderr)
+        return 130
     print(report.table())
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(report.data, option=orjson.OPT_INDENT_2) + b"\n")
@@ -124,9 +123,9 @@ def loadtest_command(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _run(lt: LoadTest) -> Report:
+def _run(opts: LoadOptions) -> Report:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return asyncio.run(lt.run())
-    return uvloop.run(lt.run())
+        return asyncio.run(run_load(opts))
+    return uvloop.run(run_load(opts))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import secrets
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from bomstream.loadtest.token import TokenMint
 
 PublishVia = Literal["redis", "http", "none"]
 
@@ -25,7 +28,8 @@ class LoadOptions:
     redis_url: str = ""
     channel_prefix: str = "enrichment:"
     token: str | None = None
-    token_for: Callable[[int], str] | None = None
+    # A JWT per stream instead of ``token``.
+    mint: TokenMint | None = None
     publish_token: str | None = None
     org: str | None = None
     bom_prefix: str = "lt"
@@ -33,3 +37,25 @@ class LoadOptions:
     reconnect: bool = True
     slow_consumers: int = 0
     progress: bool = True
+
+    def token_for(self, number: int) -> str | None:
+        """The bearer token of stream ``number``."""
+        return self.mint.for_stream(number) if self.mint is not None else self.token
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoadOptions:
+        mint = data.get("mint")
+        return cls(**{**data, "mint": TokenMint(**mint) if mint is not None else None})
+
+
+def new_run_id() -> str:
+    """Tags this run's event ids, so events of other runs are told apart."""
+    return secrets.token_hex(4)
+
+
+def bom_ids(opts: LoadOptions, run_id: str) -> list[str]:
+    """Stream ``n`` watches ``bom_ids[n % opts.boms]``."""
+    return [f"{opts.bom_prefix}{run_id}-{b}" for b in range(opts.boms)]

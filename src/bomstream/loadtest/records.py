@@ -9,6 +9,9 @@ processes share.
 
 from __future__ import annotations
 
+import os
+import resource
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +107,102 @@ class StreamCounts:
         counts.first_attempt_at = float(data["first_attempt_at"])
         counts.last_open_at = float(data["last_open_at"])
         return counts
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUsage:
+    """One client process's CPU over the measured phase (publishing and drain)."""
+
+    pid: int
+    role: str
+    cpu_s: float
+    wall_s: float
+
+    @property
+    def cpu_share(self) -> float | None:
+        """CPU seconds per wall second: 1.0 is one core kept busy the whole phase."""
+        return self.cpu_s / self.wall_s if self.wall_s > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "role": self.role, "cpu_s": self.cpu_s, "wall_s": self.wall_s}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClientUsage:
+        return cls(int(data["pid"]), str(data["role"]), float(data["cpu_s"]), float(data["wall_s"]))
+
+
+class CpuClock:
+    """This process's user+system CPU seconds and wall time between start and stop."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self._cpu0 = 0.0
+        self._t0: float | None = None
+        self._usage: ClientUsage | None = None
+
+    @staticmethod
+    def _cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    def start(self) -> None:
+        self._cpu0 = self._cpu()
+        self._t0 = time.monotonic()
+
+    def stop(self) -> ClientUsage:
+        if self._usage is None:
+            if self._t0 is None:
+                # Never started: nothing was measured.
+                self._usage = ClientUsage(os.getpid(), self.role, 0.0, 0.0)
+            else:
+                cpu = self._cpu() - self._cpu0
+                self._usage = ClientUsage(os.getpid(), self.role, cpu, time.monotonic() - self._t0)
+        return self._usage
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPart:
+    """A client process's usage and, if it held streams, what they counted."""
+
+    usage: ClientUsage
+    counts: StreamCounts | None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The running totals the progress line shows."""
+
+    open_now: int = 0
+    failed: int = 0
+    reconnects: int = 0
+    delivered: int = 0
+    latency: LogHistogram = field(default_factory=LogHistogram)
+
+    def add(self, other: Snapshot) -> None:
+        self.open_now += other.open_now
+        self.failed += other.failed
+        self.reconnects += other.reconnects
+        self.delivered += other.delivered
+        self.latency.merge(other.latency)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "open_now": self.open_now,
+            "failed": self.failed,
+            "reconnects": self.reconnects,
+            "delivered": self.delivered,
+            "latency": self.latency.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Snapshot:
+        return cls(
+            int(data["open_now"]),
+            int(data["failed"]),
+            int(data["reconnects"]),
+            int(data["delivered"]),
+            LogHistogram.from_json(data["latency"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,11 @@ from typing import Any
 
 from bomstream.loadtest.options import LoadOptions
 from bomstream.loadtest.publisher import PublishStats
-from bomstream.loadtest.records import GatewayUsage, StreamCounts
+from bomstream.loadtest.records import ClientPart, GatewayUsage, StreamCounts
 
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99_9", 0.999))
+# A client process busier than this may be measuring its own queueing.
+CPU_SHARE_WARN = 0.85
 
 
 @dataclass(slots=True)
@@ -23,13 +25,13 @@ class Report:
         run_id: str,
         counts: StreamCounts,
         publish: PublishStats | None,
+        parts: list[ClientPart],
         *,
-        connect_s: float,
         drain_s: float,
-        client_cpu_s: float,
         gateway: GatewayUsage | None,
     ) -> Report:
         c = counts
+        client_cpu_s = sum(part.usage.cpu_s for part in parts)
         received = c.received
         hist = c.latency
         elapsed = (publish.elapsed + drain_s) if publish is not None else 0.0
@@ -40,7 +42,7 @@ class Report:
                 "target": opts.connections,
                 "established": c.established,
                 "failed": dict(c.failed),
-                "time_to_connect_s": round(connect_s, 3),
+                "time_to_connect_s": round(c.connect_s, 3),
                 "connect_rate_target": opts.connect_rate,
                 "source_ips": max(1, opts.source_ips),
                 "reconnects": c.reconnects,
@@ -75,9 +77,12 @@ class Report:
                 "mean": round(hist.mean / 1000, 3),
                 "samples": hist.count,
             },
+            "latency_us_histogram": hist.to_json(),
             "bytes_received": c.bytes,
             "keepalives": c.keepalives,
             "client_cpu_s_publish": round(client_cpu_s, 3),
+            "client_processes": [_part_json(part) for part in parts],
+            "client_cpu_warning": _cpu_warning(parts),
         }
         if gateway is not None:
             g: dict[str, Any] = {
@@ -127,6 +132,7 @@ class Report:
             ("bytes received", f"{d['bytes_received']:,}"),
             ("client CPU (publish)", f"{d['client_cpu_s_publish']:.2f} s"),
         ]
+        rows += [(f"client pid {pr['pid']}", _part_row(pr)) for pr in d["client_processes"]]
         if c["slow_consumers"]:
             rows.append(("slow consumers cut", f"{c['slow_consumers_cut']}/{c['slow_consumers']}"))
         if "gateway" in d:
@@ -148,4 +154,44 @@ class Report:
                     )
                 )
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)
+        lines = [f"{k:<{width}}  {val}" for k, val in rows]
+        if d["client_cpu_warning"]:
+            lines.append(f"warning: {d['client_cpu_warning']}")
+        return "\n".join(lines)
+
+
+def _part_json(part: ClientPart) -> dict[str, Any]:
+    u = part.usage
+    share = u.cpu_share
+    out: dict[str, Any] = {
+        "pid": u.pid,
+        "role": u.role,
+        "streams": part.counts.streams if part.counts is not None else 0,
+        "cpu_s": round(u.cpu_s, 3),
+        "wall_s": round(u.wall_s, 3),
+        "cpu_share": round(share, 3) if share is not None else None,
+    }
+    if part.counts is not None:
+        # The clock fields only matter for merging; the rest adds up to the totals.
+        out["counts"] = {k: v for k, v in part.counts.to_json().items() if not k.endswith("_at")}
+    return out
+
+
+def _part_row(pr: dict[str, Any]) -> str:
+    share = pr["cpu_share"]
+    used = f"{share:.0%} of a core" if share is not None else "not measured"
+    return (
+        f"{pr['role']}, {pr['streams']} streams: CPU share {used}"
+        f" ({pr['cpu_s']:.2f} CPU-s in {pr['wall_s']:.2f} s)"
+    )
+
+
+def _cpu_warning(parts: list[ClientPart]) -> str | None:
+    busy = [p.usage for p in parts if (p.usage.cpu_share or 0.0) > CPU_SHARE_WARN]
+    if not busy:
+        return None
+    named = ", ".join(f"pid {u.pid} at {u.cpu_share or 0.0:.0%}" for u in busy)
+    return (
+        f"client process CPU share above {CPU_SHARE_WARN:.0%} ({named}): the load client"
+        " may be limiting this run; try more --workers"
+    )
