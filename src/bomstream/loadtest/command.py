@@ -11,6 +11,7 @@ import orjson
 
 from bomstream.config import Config
 from bomstream.loadtest.options import LoadOptions, PublishVia
+from bomstream.loadtest.pool import WorkerFailed
 from bomstream.loadtest.report import Report
 from bomstream.loadtest.run import run_load
 from bomstream.loadtest.token import TokenMint, mint_token
@@ -53,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-pid", type=int, metavar="PID", help="sample this process's RSS/CPU")
     p.add_argument("--slow-consumers", type=int, default=0, metavar="N", help="streams that stall")
     p.add_argument("--no-reconnect", action="store_true", help="do not reopen dropped streams")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="client processes to spread the streams over (1: all in this one)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
 
@@ -96,6 +104,7 @@ def options_from(cfg: Config, args: argparse.Namespace) -> LoadOptions:
         reconnect=not args.no_reconnect,
         slow_consumers=args.slow_consumers,
         progress=not args.no_progress,
+        workers=args.workers,
     )
 
 
@@ -105,6 +114,9 @@ def loadtest_command(cfg: Config, args: argparse.Namespace) -> int:
             "bomstream: --connections, --boms and --source-ips must be at least 1", file=sys.stderr
         )
         return 2
+    if not 1 <= args.workers <= args.connections:
+        print("bomstream: --workers must be between 1 and --connections", file=sys.stderr)
+        return 2
     try:
         opts = options_from(cfg, args)
     except ValueError as exc:
@@ -112,6 +124,9 @@ def loadtest_command(cfg: Config, args: argparse.Namespace) -> int:
         return 2
     try:
         report = _run(opts)
+    except WorkerFailed as exc:
+        print(f"bomstream: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bomstream: interrupted; no report", file=sys.stderr)
         return 130

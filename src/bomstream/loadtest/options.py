@@ -37,10 +37,16 @@ class LoadOptions:
     reconnect: bool = True
     slow_consumers: int = 0
     progress: bool = True
+    # Client processes holding the streams; 1 keeps everything in this one.
+    workers: int = 1
 
     def token_for(self, number: int) -> str | None:
         """The bearer token of stream ``number``."""
         return self.mint.for_stream(number) if self.mint is not None else self.token
+
+    def for_worker(self) -> LoadOptions:
+        """What a worker process needs: its streams' options, not the publisher's secrets."""
+        return dataclasses.replace(self, publish_token=None, redis_url="", gateway_pid=None)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
