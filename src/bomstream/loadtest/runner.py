@@ -208,7 +208,12 @@ class LoadTest:
     async def _connect_all(self, start: float) -> None:
         rate = self.opts.connect_rate
         gate = asyncio.Semaphore(self._max_connecting)
+        loop = asyncio.get_running_loop()
         self.first_attempt_at = start
+        # Paced on the loop's clock: uvloop's advances once per iteration, in
+        # whole milliseconds, so the streams due in one tick go out together
+        # instead of each sleeping a fraction of a millisecond (a whole tick).
+        loop_start = loop.time() + (start - time.monotonic())
 
         async def one(j: int) -> None:
             try:
@@ -218,7 +223,7 @@ class LoadTest:
 
         for j, number in enumerate(self.numbers):
             if rate > 0:
-                wait = start + number / rate - time.monotonic()
+                wait = loop_start + number / rate - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
             await gate.acquire()
