@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from bomstream import loadtest
 from bomstream.loadtest.histogram import LogHistogram
 from bomstream.loadtest.options import LoadOptions
-from bomstream.loadtest.records import StreamCounts
+from bomstream.loadtest.records import ClientPart, ClientUsage, StreamCounts
+from bomstream.loadtest.report import Report
 from bomstream.loadtest.runner import LoadTest, Shard
 from bomstream.loadtest.sseclient import SSEConnection
 from bomstream.loadtest.tally import StreamTally, make_event_id
@@ -331,3 +332,32 @@ def test_the_loadtest_package_has_no_import_circle() -> None:
     assert "runner" in graph["conduct"] or "report" in graph["conduct"]
     for name in sorted(graph):
         visit(name, [])
+
+
+def report_with_usage(*usage: ClientUsage) -> Report:
+    opts = LoadOptions(url="http://127.0.0.1:1", connections=2, boms=1)
+    parts = [ClientPart(u, StreamCounts(streams=1) if u.role == "streams" else None) for u in usage]
+    counts = StreamCounts.merged([p.counts for p in parts if p.counts is not None])
+    return Report.build(opts, "r1", counts, None, parts, drain_s=0.0, gateway=None)
+
+
+def test_report_gives_each_client_process_its_cpu_share_and_warns_above_85_percent() -> None:
+    calm = report_with_usage(
+        ClientUsage(10, "publisher", 0.5, 10.0),
+        ClientUsage(11, "streams", 8.5, 10.0),
+        ClientUsage(12, "streams", 0.0, 0.0),
+    )
+    rows = [p["cpu_share"] for p in calm.data["client_processes"]]
+    assert rows == [0.05, 0.85, None]
+    assert calm.data["client_cpu_warning"] is None
+    table = calm.table()
+    assert "client pid 11" in table and "CPU share 85% of a core" in table
+    assert "CPU share not measured" in table
+    assert "warning" not in table
+
+    busy = report_with_usage(
+        ClientUsage(10, "publisher", 0.5, 10.0), ClientUsage(11, "streams", 8.6, 10.0)
+    )
+    warning = busy.data["client_cpu_warning"]
+    assert warning is not None and "pid 11 at 86%" in warning and "pid 10" not in warning
+    assert busy.table().splitlines()[-1] == f"warning: {warning}"
