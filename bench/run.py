@@ -10,6 +10,7 @@ since other work may share this machine.
     python bench/run.py                      # everything, 3 repeats
     python bench/run.py --only fanout --repeat 1
     python bench/run.py --readme             # also rewrite the README table
+    python bench/run.py --only fanout --client-workers 2 --client-cpus 1-3
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 GATEWAY_CORE, LOAD_CORE = "0", "1"
+# Scenarios whose client may be spread over --client-workers processes.
+MULTI_CLIENT = ("fanout", "slow")
 ADMIN_TOKEN = "bench-admin-token"
 JWT_SECRET = "bench-jwt-secret-bench-jwt-secret-0123"
 ORG = "bench-org"
@@ -168,10 +171,12 @@ class Gateway:
                 self.proc.wait()
 
 
-def loadtest(gw: Gateway, config: Path, auth: list[str], args: list[str]) -> dict[str, Any]:
+def loadtest(
+    gw: Gateway, config: Path, auth: list[str], args: list[str], cpus: str = LOAD_CORE
+) -> dict[str, Any]:
     out = Path(tempfile.mkstemp(prefix="bomstream-bench-", suffix=".json")[1])
     cmd = [
-        "taskset", "-c", LOAD_CORE, sys.executable, "-m", "bomstream", "loadtest",
+        "taskset", "-c", cpus, sys.executable, "-m", "bomstream", "loadtest",
         "--config", str(config), "--url", gw.url, "--gateway-pid", str(gw.proc.pid),
         "--source-ips", str(SOURCE_IPS), "--connect-rate", str(CONNECT_RATE),
         "--json", str(out), "--no-progress", *auth, *args,
@@ -332,7 +337,22 @@ def main() -> int:
     parser.add_argument("--only", choices=("idle", "fanout", "latency", "slow"), action="append")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/<date>.json)")
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
+    parser.add_argument(
+        "--client-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"load client processes (loadtest --workers) for {', '.join(MULTI_CLIENT)}",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        default=LOAD_CORE,
+        metavar="LIST",
+        help=f"CPUs for the load client and its workers (taskset -c; default {LOAD_CORE})",
+    )
     args = parser.parse_args()
+    if args.client_workers < 1:
+        raise SystemExit("bench: --client-workers must be at least 1")
     if shutil.which("taskset") is None:
         raise SystemExit("bench: taskset is required (util-linux)")
     raise_nofile()
@@ -344,6 +364,8 @@ def main() -> int:
         "command": "python " + " ".join(["bench/run.py", *sys.argv[1:]]),
         "machine": machine(),
         "repeat": args.repeat,
+        "client_workers": args.client_workers,
+        "client_cpus": args.client_cpus,
         "scenarios": {},
     }
     with redis_server() as redis_url:
@@ -352,14 +374,16 @@ def main() -> int:
         print(f"bench: auth per stream = {auth_name}", flush=True)
         for name in chosen:
             result["scenarios"][name] = {}
-            for label, lt_args in scenarios[name]:
+            workers = args.client_workers if name in MULTI_CLIENT else 1
+            for label, scenario_args in scenarios[name]:
+                lt_args = [*scenario_args, "--workers", str(workers)]
                 rows, reports = [], []
                 for i in range(args.repeat):
                     port = free_port()
                     config = write_config(redis_url, port)
                     gw = Gateway(config, port)
                     try:
-                        report = loadtest(gw, config, auth, lt_args)
+                        report = loadtest(gw, config, auth, lt_args, args.client_cpus)
                     finally:
                         gw.stop()
                         config.unlink()
