@@ -321,7 +321,8 @@ async def test_a_read_past_the_statement_timeout_is_a_history_error(
 ) -> None:
     bom = str(uuid.uuid4())
     await insert_rows(db, [row(bom, 1, T0)])
-    h = backend(postgres_server.url(), timeout_s=1)
+    # statement_timeout 2 s, the client's deadline 2.5 s: the server cancels first.
+    h = backend(postgres_server.url(), timeout_s=2.5)
     try:
         assert len(await h.read(bom, 10)) == 1
         before = await history_pids(db)
@@ -347,7 +348,7 @@ async def test_a_slow_view_past_the_statement_timeout_is_a_history_error(
     )
     bom = str(uuid.uuid4())
     await insert_rows(db, [row(bom, 1, T0)])
-    h = backend(postgres_server.url(), table="sleepy", timeout_s=1)
+    h = backend(postgres_server.url(), table="sleepy", timeout_s=2.5)
     try:
         with pytest.raises(HistoryError, match="statement timeout"):
             await h.read(bom, 10)
@@ -595,3 +596,27 @@ def test_the_readme_shows_the_query_that_runs() -> None:
     block = section[section.index("```sql") + 6 : section.index("```", section.index("```sql") + 6)]
     shown = " ".join(block.split()).replace("( ", "(").replace(" )", ")")
     assert shown == backend("postgresql://u@127.0.0.1:1/db").query
+
+
+async def test_sessions_are_read_only_with_the_statement_timeout(
+    postgres_server: PostgresProcess, db: Conn
+) -> None:
+    # A view that reports the reading session's own settings as columns.
+    await db.execute(
+        "CREATE VIEW probe AS SELECT e.*,"
+        " current_setting('statement_timeout') AS statement_timeout,"
+        " current_setting('transaction_read_only') AS read_only,"
+        " current_setting('TimeZone') AS time_zone FROM enrichment_events e"
+    )
+    bom = str(uuid.uuid4())
+    await insert_rows(db, [row(bom, 1, T0)])
+    h = backend(postgres_server.url(), table="probe", timeout_s=2.5)
+    try:
+        [event] = decoded(await h.read(bom, 10))
+    finally:
+        await h.close()
+    assert (event["statement_timeout"], event["read_only"], event["time_zone"]) == (
+        "2s",
+        "on",
+        "UTC",
+    )

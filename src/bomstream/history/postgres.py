@@ -7,10 +7,12 @@ handed back oldest first, each rebuilt into the JSON the worker PUBLISHes
 with milliseconds, NULL columns are left out, every other column passes
 through under its own name).
 
-Every read is bounded twice: the server's ``statement_timeout`` cancels a slow
-query cleanly and leaves the connection usable; a client-side deadline a
-little longer bounds a server that does not answer at all, and a connection
-abandoned that way is closed, never reused.
+Every read is bounded twice. ``history.timeout_s`` is the client-side
+deadline on the whole read (waiting for a pooled connection, connecting, the
+query), so a server that does not answer at all costs no more; a connection
+given up that way is closed, never reused. The server's ``statement_timeout``
+is a share of it: it cancels a slow query first, cleanly, leaving the
+connection usable, and it ends a query the client has walked away from.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from bomstream.history.backend import HistoryError
 T = TypeVar("T")
 Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
-# The server gets the first chance to cancel; the client gives up this much later.
-CLIENT_GRACE_S = 0.5
+# statement_timeout as a share of history.timeout_s: the rest is left for the
+# pool wait, connecting and the network, so the server's clean cancel comes first.
+STATEMENT_SHARE = 0.8
 APPLICATION_NAME = "bomstream-history"
 MAX_MESSAGE_CHARS = 200
 # orjson reads an integer beyond 64 bits as a float; such a row is decoded
@@ -131,7 +134,7 @@ class PostgresHistory:
         h = cfg.history
         self._dsn = h.url
         self._timeout = h.timeout_s
-        self._deadline = h.timeout_s + CLIENT_GRACE_S
+        self._statement_ms = max(1, round(h.timeout_s * STATEMENT_SHARE * 1000))
         self._pool_size = h.pool_size
         self._query = history_query(h.table)
         self._secrets = _dsn_secrets(h.url)
@@ -181,7 +184,7 @@ class PostgresHistory:
         """Run ``work`` on a pooled connection within the deadline; every failure
         becomes a :class:`HistoryError`."""
         try:
-            async with asyncio.timeout(self._deadline):
+            async with asyncio.timeout(self._timeout):
                 pool = await self._ready_pool()
                 for attempt in range(2):
                     conn = await pool.acquire()
@@ -221,7 +224,7 @@ class PostgresHistory:
         # A graceful close waits for reads in flight, within one deadline;
         # past it, or on any error, the connections are cut.
         try:
-            await asyncio.wait_for(pool.close(), self._deadline)
+            await asyncio.wait_for(pool.close(), self._timeout)
         except _FAILURES:
             pool.terminate()
         except asyncio.CancelledError:
@@ -251,9 +254,9 @@ class PostgresHistory:
     async def _init_connection(self, conn: asyncpg.Connection[Any]) -> None:
         # SET rather than startup parameters, which a pooler such as PgBouncer
         # refuses. They hold for the session: released connections are not reset.
-        ms = max(1, round(self._timeout * 1000))
         await conn.execute(
-            f"SET statement_timeout = {ms}; SET default_transaction_read_only = on;"
+            f"SET statement_timeout = {self._statement_ms};"
+            " SET default_transaction_read_only = on;"
             " SET TimeZone = 'UTC'"
         )
 
