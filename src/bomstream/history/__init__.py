@@ -19,4 +19,8 @@ def make_backend(cfg: Config, metrics: Metrics) -> HistoryBackend | None:
         from bomstream.history.redis_stream import RedisStreamHistory
 
         return RedisStreamHistory(cfg, metrics)
+    if backend == "postgres":
+        from bomstream.history.postgres import PostgresHistory
+
+        return PostgresHistory(cfg)
     return None
