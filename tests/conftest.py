@@ -12,6 +12,7 @@ import uvloop
 
 from bomstream.config import load_config
 from bomstream.server import RunningGateway, start
+from tests.gateway_proc import GatewayProcess
 from tests.pg_proc import PgTemplate, PostgresProcess
 from tests.redis_proc import RedisProcess
 from tests.sse import SSEStream
@@ -82,6 +83,15 @@ async def gateway_factory() -> AsyncIterator[StartGateway]:
 @pytest.fixture
 async def gateway(gateway_factory: StartGateway) -> RunningGateway:
     return await gateway_factory()
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[GatewayProcess]]:
+    """Gateway processes a test starts; each is killed and cleaned up after it."""
+    made: list[GatewayProcess] = []
+    yield made
+    for g in made:
+        g.close()
 
 
 @pytest.fixture

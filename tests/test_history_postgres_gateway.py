@@ -77,14 +77,6 @@ async def insert(pg: PostgresProcess, job: Job, *ns: int) -> None:
         await conn.close()
 
 
-@pytest.fixture
-async def gateways() -> AsyncIterator[list[GatewayProcess]]:
-    made: list[GatewayProcess] = []
-    yield made
-    for g in made:
-        g.close()
-
-
 async def started(
     made: list[GatewayProcess],
     redis_server: RedisProcess,

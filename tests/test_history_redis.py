@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 import redis
 
 from bomstream.publisher import Publisher
@@ -34,14 +32,6 @@ def gateway(redis_server: RedisProcess, **settings: object) -> GatewayProcess:
     }
     base.update(settings)
     return GatewayProcess(**base)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def gateways(redis_server: RedisProcess) -> AsyncIterator[list[GatewayProcess]]:
-    made: list[GatewayProcess] = []
-    yield made
-    for g in made:
-        g.close()
 
 
 async def started(
