@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bomstream.config import Config
+from bomstream.eventloop import raise_if_cancelled
 from bomstream.events import Event
 from bomstream.history.backend import HistoryError
 from bomstream.history.redis_scripts import APPEND, ids_key, stream_key
@@ -100,6 +101,7 @@ class RedisStreamHistory:
         """The writer: appends recorded events in order, a pipelined batch at a time."""
         failing = False
         while True:
+            raise_if_cancelled()
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
