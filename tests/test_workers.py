@@ -22,48 +22,24 @@ from tests.sse import Frame
 from tests.waiting import eventually
 from tests.worker_probe import (
     CUT,
+    GRACE_S,
+    START_S,
     every_worker_healthy,
     fresh_health,
     health_by_pid,
     next_or_cut,
     streams_on_every_worker,
+    supervised,
+    two_workers_running,
 )
-
-GRACE_S = 5.0
-# A loaded 2-core machine starts a worker in a second or two; this only bounds a hang.
-START_S = 30.0
-
-
-def supervised(redis: RedisProcess, *args: str, **settings: Any) -> GatewayProcess:
-    return GatewayProcess(
-        "--workers",
-        "2",
-        "--log-format",
-        "json",
-        *args,
-        redis_url=redis.url,
-        redis_backoff_initial_s=0.05,
-        redis_backoff_max_s=0.2,
-        server_shutdown_grace_s=GRACE_S,
-        **settings,
-    )
 
 
 @pytest.fixture
 async def two_workers(
     redis_server: RedisProcess, http: aiohttp.ClientSession
 ) -> AsyncIterator[GatewayProcess]:
-    gw = supervised(redis_server)
-    try:
-        await gw.start(http, timeout=START_S)
-        await every_worker_healthy(gw.url, 2)
+    async with two_workers_running(redis_server, http) as gw:
         yield gw
-        gw.stop()
-        assert gw.proc is not None
-        assert gw.proc.returncode == 0, gw.log_text()[-4000:]
-    finally:
-        gw.stop()
-        gw.close()
 
 
 def log_lines(gw: GatewayProcess, msg: str) -> list[dict[str, Any]]:

@@ -9,29 +9,69 @@ which worker and pid it came from.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
 
 from tests.conftest import open_stream
-from tests.gateway_proc import HEALTH
+from tests.gateway_proc import HEALTH, GatewayProcess
+from tests.redis_proc import RedisProcess
 from tests.sse import Frame, SSEStream
 
 Health = dict[str, Any]
 # Plenty: with two workers, 200 fresh connections all landing on one is a 1 in 2**199 chance.
 ATTEMPTS = 200
+GRACE_S = 5.0
+# A loaded 2-core machine starts a worker in a second or two; this only bounds a hang.
+START_S = 30.0
+
+
+def supervised(redis: RedisProcess, *args: str, **settings: Any) -> GatewayProcess:
+    """``serve --workers 2`` on Redis, logging JSON, not started yet."""
+    return GatewayProcess(
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+        *args,
+        redis_url=redis.url,
+        redis_backoff_initial_s=0.05,
+        redis_backoff_max_s=0.2,
+        server_shutdown_grace_s=GRACE_S,
+        **settings,
+    )
+
+
+@asynccontextmanager
+async def two_workers_running(
+    redis: RedisProcess, session: aiohttp.ClientSession, **settings: Any
+) -> AsyncIterator[GatewayProcess]:
+    """Two workers, both subscribed to Redis; on the way out, SIGTERM, which
+    must end the supervisor with status 0 (no worker killed for overstaying)."""
+    gw = supervised(redis, **settings)
+    try:
+        await gw.start(session, timeout=START_S)
+        await every_worker_healthy(gw.url, 2)
+        yield gw
+        gw.stop()
+        assert gw.proc is not None
+        assert gw.proc.returncode == 0, gw.log_text()[-4000:]
+    finally:
+        gw.stop()
+        gw.close()
+
+
+def fresh_session() -> aiohttp.ClientSession:
+    """A session that opens a new connection for every request."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10))
 
 
 async def fresh_health(base: str) -> Health:
     """One health answer over a connection of its own."""
-    connector = aiohttp.TCPConnector(force_close=True)
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-        session.get(base + HEALTH) as resp,
-    ):
+    async with fresh_session() as session, session.get(base + HEALTH) as resp:
         body: Health = await resp.json()
         return body
 
