@@ -128,8 +128,12 @@ class RedisStreamHistory:
             self._metrics.history_writes.labels("duplicate").inc(len(results) - stored)
 
     async def _write(self, batch: list[Event]) -> list[bytes]:
-        async with asyncio.timeout(self._timeout):
-            pipe = self._client.pipeline(transaction=False)
+        # The pipeline as a context: cancelled half way (shutdown), it still
+        # gives its connection back to the pool.
+        async with (
+            asyncio.timeout(self._timeout),
+            self._client.pipeline(transaction=False) as pipe,
+        ):
             for ev in batch:
                 await self._append(
                     keys=[stream_key(self._prefix, ev.bom_id), ids_key(self._prefix, ev.bom_id)],
