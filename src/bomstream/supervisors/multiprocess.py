@@ -65,13 +65,11 @@ class Supervisor:
         self.reservation = reservation
         worker_cfg = _with_port(cfg, reservation.port)
         self.slots = [_Slot(self, WorkerSpec(i, metrics_dir, worker_cfg)) for i in range(count)]
-        # Created in run(), inside the loop.
-        self.stopping: asyncio.Event
+        self.stopping = asyncio.Event()
         self.announced = False
         self.status = 0
 
     async def run(self) -> int:
-        self.stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
