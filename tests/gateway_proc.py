@@ -43,6 +43,9 @@ class GatewayProcess:
                 "BOMSTREAM_SERVER_HOST": "127.0.0.1",
                 "BOMSTREAM_SERVER_PORT": "0",
                 "BOMSTREAM_SERVER_ACCESS_LOG": "false",
+                # A supervisor's metrics directory goes in here, so close()
+                # removes it even when the supervisor could not.
+                "TMPDIR": str(self.dir),
             }
         )
         for key, value in settings.items():

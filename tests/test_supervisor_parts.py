@@ -10,6 +10,7 @@ import socket
 
 import pytest
 
+from bomstream.cli import _overrides, build_parser
 from bomstream.config import load_config
 from bomstream.logs import FIELDS, ProcessFields
 from bomstream.supervisors import worker_count
@@ -170,3 +171,10 @@ def test_process_fields_follow_a_lines_own_fields() -> None:
     bare = logging.LogRecord("x", logging.INFO, __file__, 1, "msg", None, None)
     ProcessFields({"worker": 1}).filter(bare)
     assert getattr(bare, FIELDS) == {"worker": 1}
+
+
+def test_only_serve_maps_workers_onto_server_workers() -> None:
+    parser = build_parser()
+    assert _overrides(parser.parse_args(["serve", "--workers", "3"]))["server.workers"] == 3
+    load = parser.parse_args(["loadtest", "--workers", "2", "--connections", "10"])
+    assert "server.workers" not in _overrides(load)

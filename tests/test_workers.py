@@ -195,6 +195,7 @@ async def test_a_signal_to_the_supervisor_drains_every_worker_and_exits_0(
         assert stopping["signal"] == sig.name
         last = gw.json_log()[-1]
         assert (last["logger"], last["msg"]) == ("bomstream.supervisor", "bomstream stopped")
+        assert list(gw.dir.glob("bomstream-metrics-*")) == []
         assert not any(is_worker(pid) for pid in by_pid)
     finally:
         gw.close()
@@ -220,6 +221,8 @@ async def test_workers_shut_down_when_the_supervisor_is_killed(
         await eventually(alive, lambda pids: pids == [], timeout=GRACE_S + 5)
         gone = [line["worker"] for line in log_lines(gw, "supervisor gone; shutting down")]
         assert sorted(gone) == [0, 1]
+        # Nobody was left to remove the metrics directory (close() does).
+        assert [p.name[:18] for p in gw.dir.glob("bomstream-metrics-*")] == ["bomstream-metrics-"]
     finally:
         gw.close()
 

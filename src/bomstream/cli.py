@@ -85,7 +85,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["server.host"] = args.host
     if getattr(args, "port", None) is not None:
         out["server.port"] = args.port
-    if getattr(args, "workers", None) is not None:
+    # loadtest has a --workers of its own: client processes, not server.workers.
+    if args.command == "serve" and args.workers is not None:
         out["server.workers"] = args.workers
     if getattr(args, "log_format", None) is not None:
         out["server.log_format"] = args.log_format
