@@ -39,6 +39,8 @@ class ConfigError(Exception):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # Gateway processes on the port; 0 = one per CPU this process may run on.
+    workers: int = 1
     heartbeat_s: float = 15.0
     retry_ms: int = 3000
     max_stream_s: float = 0.0
@@ -301,6 +303,7 @@ def _split_env(env_name: str, sections: dict[str, type[Any]]) -> tuple[str, str]
 def _validate(cfg: Config) -> None:
     s = cfg.server
     _check(0 <= s.port <= 65535, "server.port", f"must be 0..65535, got {s.port}")
+    _check(s.workers >= 0, "server.workers", "must be 0 (one per CPU) or more")
     _check(s.heartbeat_s > 0, "server.heartbeat_s", "must be greater than 0")
     _check(s.retry_ms >= 0, "server.retry_ms", "must not be negative")
     _check(s.max_stream_s >= 0, "server.max_stream_s", "must not be negative")
@@ -329,6 +332,12 @@ def _validate(cfg: Config) -> None:
     _check(r.backoff_initial_s > 0, "redis.backoff_initial_s", "must be greater than 0")
     _check(r.backoff_max_s >= r.backoff_initial_s, "redis.backoff_max_s", "must be >= initial")
     _check(r.health_check_s >= 0, "redis.health_check_s", "must not be negative")
+    if s.workers != 1 and not r.url:
+        many = "0 (one per CPU)" if s.workers == 0 else str(s.workers)
+        raise ConfigError(
+            f"server.workers: {many} needs redis.url; on the embedded broker an event"
+            " published to one worker would never reach the others"
+        )
     _validate_history(cfg)
     _check(bool(cfg.auth.org_claim), "auth.org_claim", "must not be empty")
     _check(cfg.auth.leeway_s >= 0, "auth.leeway_s", "must not be negative")

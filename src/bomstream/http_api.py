@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 
 import orjson
@@ -112,6 +113,9 @@ async def handle_health(request: web.Request) -> web.Response:
         "streams": gw.hub.stream_count,
         "boms": gw.hub.bom_count,
         "uptime_s": round(time.monotonic() - gw.started_at, 1),
+        # Which process answered: several workers share one port.
+        "worker": gw.worker,
+        "pid": os.getpid(),
     }
     return json_response(body, status=200 if healthy else 503)
 

@@ -25,6 +25,9 @@ class Gateway:
     metrics: Metrics
     auth: Authenticator
     recall: Recall
+    # The index of this worker under ``serve --workers N``; None when the
+    # process serves on its own.
+    worker: int | None = None
     started_at: float = field(default_factory=time.monotonic)
     http_drops: DropReporter = field(
         default_factory=lambda: DropReporter(logging.getLogger("bomstream.api"), "http")

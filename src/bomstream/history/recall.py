@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import Literal
 
 from bomstream.config import Config
+from bomstream.eventloop import raise_if_cancelled
 from bomstream.events import Event, EventRejected, parse_event
 from bomstream.history.backend import HistoryBackend, HistoryError
 from bomstream.hub import Hub
@@ -166,6 +167,7 @@ class Recall:
                 self._set_down(str(exc) or type(exc).__name__)
             else:
                 self._set_up()
+            raise_if_cancelled()
             await asyncio.sleep(PING_INTERVAL_S if self._up else DOWN_BACKOFF_S)
 
     async def close(self) -> None:

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bomstream.config import Config
+from bomstream.eventloop import raise_if_cancelled
 from bomstream.events import Event
 from bomstream.history.backend import HistoryError
 from bomstream.history.redis_scripts import APPEND, ids_key, stream_key
@@ -100,6 +101,7 @@ class RedisStreamHistory:
         """The writer: appends recorded events in order, a pipelined batch at a time."""
         failing = False
         while True:
+            raise_if_cancelled()
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
@@ -126,8 +128,12 @@ class RedisStreamHistory:
             self._metrics.history_writes.labels("duplicate").inc(len(results) - stored)
 
     async def _write(self, batch: list[Event]) -> list[bytes]:
-        async with asyncio.timeout(self._timeout):
-            pipe = self._client.pipeline(transaction=False)
+        # The pipeline as a context: cancelled half way (shutdown), it still
+        # gives its connection back to the pool.
+        async with (
+            asyncio.timeout(self._timeout),
+            self._client.pipeline(transaction=False) as pipe,
+        ):
             for ev in batch:
                 await self._append(
                     keys=[stream_key(self._prefix, ev.bom_id), ids_key(self._prefix, ev.bom_id)],
