@@ -24,6 +24,7 @@ from bomstream.hub import SERVER_SHUTDOWN, Hub
 from bomstream.logs import FIELDS
 from bomstream.metrics import Metrics
 from bomstream.pages import add_pages
+from bomstream.protocol import GatewayRunner, name_server
 from bomstream.state import GATEWAY, Gateway
 from bomstream.stream import handle_stream
 from bomstream.ticket_api import handle_ticket
@@ -60,6 +61,7 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     add_pages(app)
     app.cleanup_ctx.append(_background_tasks)
+    app.on_response_prepare.append(name_server)
     app.on_shutdown.append(_end_streams)
     return app
 
@@ -82,8 +84,12 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _end_streams(app: web.Application) -> None:
-    ended = app[GATEWAY].hub.end_all(SERVER_SHUTDOWN)
+    gw = app[GATEWAY]
+    ended = gw.hub.end_all(SERVER_SHUTDOWN)
     log.info("shutting down", extra={FIELDS: {"streams_ended": ended}})
+    # Ended streams close their connections once their last frame is sent;
+    # aiohttp no longer tracks those connections, so wait for them here.
+    await gw.handed_over.wait_closed(gw.cfg.server.shutdown_grace_s)
 
 
 @dataclass(slots=True)
@@ -109,18 +115,14 @@ class RunningGateway:
 async def start(cfg: Config) -> RunningGateway:
     """Start listening; ``server.port = 0`` picks a free port."""
     app = make_app(cfg)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
-        # A client that goes away cancels its stream handler, which is how a
-        # stream learns of the disconnect at once rather than at its next write.
-        handler_cancellation=True,
         shutdown_timeout=cfg.server.shutdown_grace_s,
         # aiohttp's handler default is an hour; a proxy in front (nginx keeps
         # idle upstream connections 60 s) should always be the side that closes.
         keepalive_timeout=IDLE_KEEPALIVE_S,
         access_log=logging.getLogger("bomstream.access") if cfg.server.access_log else None,
         access_log_class=AccessLogger,
-        handle_signals=False,
     )
     await runner.setup()
     site = web.TCPSite(runner, cfg.server.host, cfg.server.port, backlog=4096, reuse_address=True)

@@ -14,6 +14,7 @@ from bomstream.config import Config
 from bomstream.hub import Hub
 from bomstream.logs import DropReporter
 from bomstream.metrics import Metrics
+from bomstream.protocol import HandedOver
 
 
 @dataclass(slots=True)
@@ -23,6 +24,8 @@ class Gateway:
     broker: Broker
     metrics: Metrics
     auth: Authenticator
+    # Stream connections handed over from aiohttp (see stream.OpenStream).
+    handed_over: HandedOver = field(default_factory=HandedOver)
     started_at: float = field(default_factory=time.monotonic)
     http_drops: DropReporter = field(
         default_factory=lambda: DropReporter(logging.getLogger("bomstream.api"), "http")
