@@ -22,6 +22,7 @@ from bomstream.errors import error_middleware
 from bomstream.http_api import handle_health, handle_metrics, handle_poll, handle_publish
 from bomstream.hub import SERVER_SHUTDOWN, Hub
 from bomstream.logs import FIELDS
+from bomstream.looplag import probe_loop_lag
 from bomstream.metrics import Metrics
 from bomstream.pages import add_pages
 from bomstream.protocol import GatewayRunner, name_server
@@ -67,11 +68,12 @@ def make_app(cfg: Config) -> web.Application:
 
 
 async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
-    """Owner tasks of the broker connection and the buffer sweeper."""
+    """Owner tasks of the broker connection, the buffer sweeper and the loop-lag probe."""
     gw = app[GATEWAY]
     tasks = [
         asyncio.create_task(gw.broker.run(), name="broker"),
         asyncio.create_task(gw.hub.run_sweeper(), name="sweeper"),
+        asyncio.create_task(probe_loop_lag(gw.metrics.loop_lag), name="loop-lag"),
     ]
     yield
     for task in tasks:
