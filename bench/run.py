@@ -61,6 +61,10 @@ SLOW = [
     (f"{rate}+10slow", ["--connections", "10000", "--boms", str(BOMS), "--rate", str(rate), "--duration", "10", "--hold", "1", "--slow-consumers", "10"])
     for rate in (600, 1000)
 ]  # fmt: skip
+# Connects as fast as a crowd reconnecting after a restart: event-loop lag
+# (bomstream_loop_lag_seconds) while 15k streams arrive at 5,000/s.
+RAMP_RATE = 5000
+RAMP = [(15000, ["--connections", "15000", "--boms", str(BOMS), "--hold", "1"])]
 LATENCY = [(100, ["--connections", "1000", "--boms", str(BOMS), "--rate", "100", "--duration", "10", "--hold", "1"])]  # fmt: skip
 
 
@@ -167,12 +171,14 @@ class Gateway:
                 self.proc.wait()
 
 
-def loadtest(gw: Gateway, config: Path, auth: list[str], args: list[str]) -> dict[str, Any]:
+def loadtest(
+    gw: Gateway, config: Path, auth: list[str], args: list[str], connect_rate: int = CONNECT_RATE
+) -> dict[str, Any]:
     out = Path(tempfile.mkstemp(prefix="bomstream-bench-", suffix=".json")[1])
     cmd = [
         "taskset", "-c", LOAD_CORE, sys.executable, "-m", "bomstream", "loadtest",
         "--config", str(config), "--url", gw.url, "--gateway-pid", str(gw.proc.pid),
-        "--source-ips", str(SOURCE_IPS), "--connect-rate", str(CONNECT_RATE),
+        "--source-ips", str(SOURCE_IPS), "--connect-rate", str(connect_rate),
         "--json", str(out), "--no-progress", *auth, *args,
     ]  # fmt: skip
     proc = subprocess.run(
@@ -183,6 +189,36 @@ def loadtest(gw: Gateway, config: Path, auth: list[str], args: list[str]) -> dic
     report: dict[str, Any] = json.loads(out.read_text())
     out.unlink()
     return report
+
+
+def lag_buckets(gw: Gateway) -> dict[float, float] | None:
+    """Cumulative bucket counts of bomstream_loop_lag_seconds (None: no such metric)."""
+    with urllib.request.urlopen(f"{gw.url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("bomstream_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out or None
+
+
+def lag_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The q-quantile of the samples between two scrapes, interpolated in its bucket."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return 0.0
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, cum in zip(bounds, counts, strict=True):
+        if cum >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(cum - below, 1e-9)
+        lower, below = bound, cum
+    return lower
 
 
 def pick_auth(redis_url: str) -> tuple[str, list[str]]:
@@ -201,6 +237,18 @@ def pick_auth(redis_url: str) -> tuple[str, list[str]]:
     return "admin", ["--token", ADMIN_TOKEN, "--org", ORG]
 
 
+def ramp(gw: Gateway, config: Path, auth: list[str], args: list[str]) -> dict[str, Any]:
+    """A loadtest at RAMP_RATE connects/s, with the loop lag sampled across it."""
+    before = lag_buckets(gw)
+    report = loadtest(gw, config, auth, args, connect_rate=RAMP_RATE)
+    after = lag_buckets(gw)
+    if before is not None and after is not None:
+        report["lag_p50_ms"] = round(1000 * lag_quantile(before, after, 0.5), 1)
+        report["lag_p99_ms"] = round(1000 * lag_quantile(before, after, 0.99), 1)
+        report["lag_samples"] = after[float("inf")] - before.get(float("inf"), 0.0)
+    return report
+
+
 def summarise(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
     c, p, d, lat = (
         report["connections"],
@@ -216,7 +264,9 @@ def summarise(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
         "rss_mib": round(g.get("rss_kb_held", 0) / 1024, 1),
         "rss_kib_per_stream": g.get("rss_kb_per_stream"),
     }
-    if scenario != "idle":
+    if "lag_p99_ms" in report:
+        row.update({k: report[k] for k in ("lag_p50_ms", "lag_p99_ms", "lag_samples")})
+    if scenario not in ("idle", "ramp"):
         row.update(
             {
                 "publish_rate": p["achieved_rate"],
@@ -284,8 +334,8 @@ def readme_table(result: dict[str, Any]) -> str:
         f" {result['repeat']} runs each (other work may share this machine, so single runs vary).",
         f"Command: `{result['command']}`",
         "",
-        "| scenario | streams | events/s (achieved) | deliveries/s | lost | p50 ms | p99 ms (min-max) | RSS MiB | KiB/stream | gateway CPU s per 100k | time to connect s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | streams | events/s (achieved) | deliveries/s | lost | p50 ms | p99 ms (min-max) | RSS MiB | KiB/stream | gateway CPU s per 100k | time to connect s | loop lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, runs in result["scenarios"].items():
         for label, entry in runs.items():
@@ -300,6 +350,7 @@ def readme_table(result: dict[str, Any]) -> str:
                 f" {f('deliveries_per_s', '{:,.0f}')} | {f('lost', '{:.0f}')} | {f('p50_ms', '{:.1f}')} |"
                 f" {p99_range(entry)} | {f('rss_mib', '{:.0f}')} | {f('rss_kib_per_stream', '{:.1f}')} |"
                 f" {f('cpu_s_per_100k', '{:.2f}')} | {f('time_to_connect_s', '{:.1f}')} |"
+                f" {f('lag_p99_ms', '{:.1f}')} |"
             )
     return "\n".join(lines)
 
@@ -328,14 +379,16 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", choices=("idle", "fanout", "latency", "slow"), action="append")
+    parser.add_argument(
+        "--only", choices=("idle", "fanout", "latency", "slow", "ramp"), action="append"
+    )
     parser.add_argument("--out", type=Path, help="results file (default bench/results/<date>.json)")
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     args = parser.parse_args()
     if shutil.which("taskset") is None:
         raise SystemExit("bench: taskset is required (util-linux)")
     raise_nofile()
-    scenarios = {"idle": IDLE, "fanout": FANOUT, "latency": LATENCY, "slow": SLOW}
+    scenarios = {"idle": IDLE, "fanout": FANOUT, "latency": LATENCY, "slow": SLOW, "ramp": RAMP}
     chosen = args.only or list(scenarios)
     now = dt.datetime.now(dt.UTC)
     result: dict[str, Any] = {
@@ -358,7 +411,10 @@ def main() -> int:
                     config = write_config(redis_url, port)
                     gw = Gateway(config, port)
                     try:
-                        report = loadtest(gw, config, auth, lt_args)
+                        if name == "ramp":
+                            report = ramp(gw, config, auth, lt_args)
+                        else:
+                            report = loadtest(gw, config, auth, lt_args)
                     finally:
                         gw.stop()
                         config.unlink()
