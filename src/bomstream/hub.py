@@ -17,6 +17,7 @@ import logging
 import random
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,8 +50,10 @@ Access = Literal["ok", "forbidden", "finished"]
 
 
 class Subscriber:
-    """One open stream. ``reason`` is set once it ends, and ``done`` wakes its
-    handler; a handler cancelled by a disconnect may cancel ``done`` itself."""
+    """One open stream. ``reason`` is set once it ends, and then ``on_end`` (set
+    by whoever serves the stream) is called soon after, once. A plain callback
+    rather than a future: at tens of thousands of streams, each object per
+    stream is memory, and work for every garbage collection."""
 
     __slots__ = (
         "_beat_slot",
@@ -58,9 +61,9 @@ class Subscriber:
         "bom_id",
         "catchup_events",
         "delivered_base",
-        "done",
         "group",
         "live_events",
+        "on_end",
         "opened_at",
         "principal",
         "reason",
@@ -72,13 +75,12 @@ class Subscriber:
         bom_id: str,
         principal: Principal,
         transport: asyncio.WriteTransport,
-        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.bom_id = bom_id
         self.principal = principal
         self.group = principal.org
         self.transport = transport
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.on_end: Callable[[], None] | None = None
         self.reason: str | None = None
         self.opened_at = time.monotonic()
         self.catchup_events = 0
@@ -366,8 +368,7 @@ class Hub:
             return Opened(b"".join(parts), None, resumed, end_reason, len(catchup))
         if ch is None:
             ch = self._channels[bom_id] = _Channel(bom_id, self._cfg.buffer.events_per_bom)
-        loop = asyncio.get_running_loop()
-        sub = Subscriber(bom_id, principal, transport, loop)
+        sub = Subscriber(bom_id, principal, transport)
         sub.catchup_events = len(catchup)
         group = ch.groups.get(org)
         if group is None:
@@ -453,8 +454,10 @@ class Hub:
     def _settle(self, sub: Subscriber, reason: str) -> None:
         sub.reason = reason
         self._metrics.stream_end.labels(reason).inc()
-        if not sub.done.done():
-            sub.done.set_result(None)
+        on_end, sub.on_end = sub.on_end, None
+        if on_end is not None:
+            # Soon, not now: the hub finishes unregistering the stream first.
+            asyncio.get_running_loop().call_soon(on_end)
 
     def events_sent(self, sub: Subscriber) -> int:
         """Events written to a stream: its catch-up plus live events (after detach)."""

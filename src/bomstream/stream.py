@@ -137,9 +137,13 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     protocol = request.protocol
     if not isinstance(protocol, GatewayProtocol):
         raise TypeError("the stream route needs the gateway's runner (bomstream.server.start)")
-    protocol.hand_over(conn)
+    try:
+        protocol.hand_over(conn)
+    except ConnectionResetError:
+        hub.detach(sub)
+        raise
     gw.handed_over.opened()
-    sub.done.add_done_callback(conn.ended)
+    sub.on_end = conn.ended
     return resp
 
 
@@ -166,7 +170,7 @@ class OpenStream(asyncio.Protocol):
         self._gw.hub.detach(self._sub)  # ends it as client_disconnected if still open
         self._gw.handed_over.closed()
 
-    def ended(self, _done: asyncio.Future[None]) -> None:
+    def ended(self) -> None:
         sub = self._sub
         transport = sub.transport
         if not transport.is_closing():
