@@ -72,7 +72,10 @@ class GatewayProtocol(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if status >= 500:
+        if isinstance(exc, ConnectionError):
+            # The client left mid-answer (a stream's headers, say): not an error here.
+            self.log_debug("client went away while being answered", exc_info=exc)
+        elif status >= 500:
             self.log_exception("error handling a request", exc_info=exc)
         else:
             # Malformed input is the client's problem; the line names the kind of

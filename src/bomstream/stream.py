@@ -96,6 +96,9 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     bom_id, principal, after = admitted
     del admitted
 
+    protocol = request.protocol
+    if not isinstance(protocol, GatewayProtocol):
+        raise TypeError("the stream route needs the gateway's runner (bomstream.server.start)")
     resp = web.StreamResponse(headers=SSE_HEADERS)
     # A stream ends by closing its connection (spec section 4), so the
     # connection is never reused; this also drops aiohttp's idle-keep-alive
@@ -134,16 +137,13 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     # Wait for the end on the connection itself, not in this handler: it
     # returns now, and aiohttp lets go of the request and the connection.
     conn = OpenStream(gw, sub, resumed)
-    protocol = request.protocol
-    if not isinstance(protocol, GatewayProtocol):
-        raise TypeError("the stream route needs the gateway's runner (bomstream.server.start)")
+    sub.on_end = conn.ended
     try:
         protocol.hand_over(conn)
     except ConnectionResetError:
-        hub.detach(sub)
-        raise
+        hub.detach(sub)  # as client_disconnected; conn.ended logs it
+        return resp
     gw.handed_over.opened()
-    sub.on_end = conn.ended
     return resp
 
 
