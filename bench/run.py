@@ -9,6 +9,7 @@ since other work may share this machine.
 
     python bench/run.py                      # everything, 3 repeats
     python bench/run.py --only fanout --repeat 1
+    python bench/run.py --only fanout --label 100 --label 600 --only ramp
     python bench/run.py --readme             # also rewrite the README table
 """
 
@@ -206,8 +207,12 @@ def lag_buckets(gw: Gateway) -> dict[float, float] | None:
 
 
 def open_streams(gw: Gateway) -> int:
-    with urllib.request.urlopen(f"{gw.url}/api/enrichment/health", timeout=5) as resp:
-        return int(json.loads(resp.read())["streams"])
+    """Streams the gateway holds; 0 while it is too busy accepting to answer."""
+    try:
+        with urllib.request.urlopen(f"{gw.url}/api/enrichment/health", timeout=5) as resp:
+            return int(json.loads(resp.read())["streams"])
+    except OSError:
+        return 0
 
 
 def lag_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
@@ -397,6 +402,9 @@ def main() -> int:
     parser.add_argument(
         "--only", choices=("idle", "fanout", "latency", "slow", "ramp"), action="append"
     )
+    parser.add_argument(
+        "--label", action="append", help="only these runs of a scenario (e.g. 100 for fanout 100)"
+    )
     parser.add_argument("--out", type=Path, help="results file (default bench/results/<date>.json)")
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     args = parser.parse_args()
@@ -420,6 +428,8 @@ def main() -> int:
         for name in chosen:
             result["scenarios"][name] = {}
             for label, lt_args in scenarios[name]:
+                if args.label and str(label) not in args.label:
+                    continue
                 rows, reports = [], []
                 for i in range(args.repeat):
                     port = free_port()
