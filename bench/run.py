@@ -11,6 +11,7 @@ since other work may share this machine.
     python bench/run.py --only fanout --repeat 1
     python bench/run.py --only fanout --label 100 --label 600 --only ramp
     python bench/run.py --readme             # also rewrite the README table
+    python bench/run.py --only fanout --client-workers 2 --client-cpus 1-3
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 GATEWAY_CORE, LOAD_CORE = "0", "1"
+# Scenarios whose client may be spread over --client-workers processes.
+MULTI_CLIENT = ("fanout", "slow")
 ADMIN_TOKEN = "bench-admin-token"
 JWT_SECRET = "bench-jwt-secret-bench-jwt-secret-0123"
 ORG = "bench-org"
@@ -111,7 +114,8 @@ def redis_server() -> Iterator[str]:
         proc.wait()
 
 
-def write_config(redis_url: str, port: int) -> Path:
+def write_config(redis_url: str, port: int, extra: str = "") -> Path:
+    """A gateway config for one run; ``extra`` is more TOML (whole sections)."""
     path = Path(tempfile.mkstemp(prefix="bomstream-bench-", suffix=".toml")[1])
     path.write_text(
         f"""[server]
@@ -127,7 +131,7 @@ url = "{redis_url}"
 [auth]
 admin_token = "{ADMIN_TOKEN}"
 jwt_secret = "{JWT_SECRET}"
-"""
+{extra}"""
     )
     return path
 
@@ -175,11 +179,16 @@ class Gateway:
 
 
 def loadtest(
-    gw: Gateway, config: Path, auth: list[str], args: list[str], connect_rate: int = CONNECT_RATE
+    gw: Gateway,
+    config: Path,
+    auth: list[str],
+    args: list[str],
+    cpus: str = LOAD_CORE,
+    connect_rate: int = CONNECT_RATE,
 ) -> dict[str, Any]:
     out = Path(tempfile.mkstemp(prefix="bomstream-bench-", suffix=".json")[1])
     cmd = [
-        "taskset", "-c", LOAD_CORE, sys.executable, "-m", "bomstream", "loadtest",
+        "taskset", "-c", cpus, sys.executable, "-m", "bomstream", "loadtest",
         "--config", str(config), "--url", gw.url, "--gateway-pid", str(gw.proc.pid),
         "--source-ips", str(SOURCE_IPS), "--connect-rate", str(connect_rate),
         "--json", str(out), "--no-progress", *auth, *args,
@@ -249,13 +258,13 @@ def pick_auth(redis_url: str) -> tuple[str, list[str]]:
     return "admin", ["--token", ADMIN_TOKEN, "--org", ORG]
 
 
-def ramp(gw: Gateway, config: Path, auth: list[str], args: list[str]) -> dict[str, Any]:
+def ramp(gw: Gateway, config: Path, auth: list[str], args: list[str], cpus: str) -> dict[str, Any]:
     """A loadtest at RAMP_RATE connects/s, with the loop lag sampled from before
     the first connect until every stream is open (not while they all close)."""
     before = lag_buckets(gw)
     after = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(loadtest, gw, config, auth, args, RAMP_RATE)
+        running = pool.submit(loadtest, gw, config, auth, args, cpus, RAMP_RATE)
         while not running.done():
             if open_streams(gw) >= RAMP_STREAMS:
                 after = lag_buckets(gw)
@@ -407,7 +416,22 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, help="results file (default bench/results/<date>.json)")
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
+    parser.add_argument(
+        "--client-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"load client processes (loadtest --workers) for {', '.join(MULTI_CLIENT)}",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        default=LOAD_CORE,
+        metavar="LIST",
+        help=f"CPUs for the load client and its workers (taskset -c; default {LOAD_CORE})",
+    )
     args = parser.parse_args()
+    if args.client_workers < 1:
+        raise SystemExit("bench: --client-workers must be at least 1")
     if shutil.which("taskset") is None:
         raise SystemExit("bench: taskset is required (util-linux)")
     raise_nofile()
@@ -419,6 +443,8 @@ def main() -> int:
         "command": "python " + " ".join(["bench/run.py", *sys.argv[1:]]),
         "machine": machine(),
         "repeat": args.repeat,
+        "client_workers": args.client_workers,
+        "client_cpus": args.client_cpus,
         "scenarios": {},
     }
     with redis_server() as redis_url:
@@ -427,9 +453,11 @@ def main() -> int:
         print(f"bench: auth per stream = {auth_name}", flush=True)
         for name in chosen:
             result["scenarios"][name] = {}
-            for label, lt_args in scenarios[name]:
+            workers = args.client_workers if name in MULTI_CLIENT else 1
+            for label, scenario_args in scenarios[name]:
                 if args.label and str(label) not in args.label:
                     continue
+                lt_args = [*scenario_args, "--workers", str(workers)]
                 rows, reports = [], []
                 for i in range(args.repeat):
                     port = free_port()
@@ -437,9 +465,9 @@ def main() -> int:
                     gw = Gateway(config, port)
                     try:
                         if name == "ramp":
-                            report = ramp(gw, config, auth, lt_args)
+                            report = ramp(gw, config, auth, lt_args, args.client_cpus)
                         else:
-                            report = loadtest(gw, config, auth, lt_args)
+                            report = loadtest(gw, config, auth, lt_args, args.client_cpus)
                     finally:
                         gw.stop()
                         config.unlink()

@@ -12,6 +12,8 @@ import uvloop
 
 from bomstream.config import load_config
 from bomstream.server import RunningGateway, start
+from tests.gateway_proc import GatewayProcess
+from tests.pg_proc import PgTemplate, PostgresProcess
 from tests.redis_proc import RedisProcess
 from tests.sse import SSEStream
 
@@ -28,6 +30,27 @@ def pytest_asyncio_loop_factories(
 @pytest.fixture
 def redis_server() -> Iterator[RedisProcess]:
     proc = RedisProcess()
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.close()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[PgTemplate]:
+    """initdb once per session (seconds); every server is a copy of this."""
+    template = PgTemplate()
+    try:
+        yield template
+    finally:
+        template.close()
+
+
+@pytest.fixture
+def postgres_server(pg_template: PgTemplate) -> Iterator[PostgresProcess]:
+    """A running PostgreSQL of this test's own, started from a copy of the template."""
+    proc = PostgresProcess(pg_template)
     proc.start()
     try:
         yield proc
@@ -60,6 +83,15 @@ async def gateway_factory() -> AsyncIterator[StartGateway]:
 @pytest.fixture
 async def gateway(gateway_factory: StartGateway) -> RunningGateway:
     return await gateway_factory()
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[GatewayProcess]]:
+    """Gateway processes a test starts; each is killed and cleaned up after it."""
+    made: list[GatewayProcess] = []
+    yield made
+    for g in made:
+        g.close()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ an operator does it: through ``BOMSTREAM_*`` environment variables."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,8 @@ import aiohttp
 
 HEALTH = "/api/enrichment/health"
 _LISTEN_URL = re.compile(r"http://127\.0\.0\.1:(\d+)")
+# A supervisor's "worker started" line, text or JSON.
+_WORKER_PID = re.compile(r'pid"?[=:] ?(\d+)')
 
 
 class GatewayProcess:
@@ -40,6 +43,9 @@ class GatewayProcess:
                 "BOMSTREAM_SERVER_HOST": "127.0.0.1",
                 "BOMSTREAM_SERVER_PORT": "0",
                 "BOMSTREAM_SERVER_ACCESS_LOG": "false",
+                # A supervisor's metrics directory goes in here, so close()
+                # removes it even when the supervisor could not.
+                "TMPDIR": str(self.dir),
             }
         )
         for key, value in settings.items():
@@ -149,7 +155,23 @@ class GatewayProcess:
 
     def close(self) -> None:
         self.kill()
+        for pid in self.started_worker_pids():
+            # Workers end on their own once their supervisor is gone; a test
+            # that failed half way should not wait for that.
+            if is_worker(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def started_worker_pids(self) -> list[int]:
+        """Every worker pid a supervisor (``--workers N``) has logged, in order."""
+        out = []
+        for line in self.log_text().splitlines():
+            if "worker started" in line:
+                found = _WORKER_PID.search(line)
+                assert found is not None, line
+                out.append(int(found.group(1)))
+        return out
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -157,3 +179,14 @@ class GatewayProcess:
     def json_log(self) -> list[dict[str, Any]]:
         """Every log line parsed as JSON (fails on any line that is not)."""
         return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+
+
+def is_worker(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) supervised worker process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state != "Z" and b"--supervised" in cmdline

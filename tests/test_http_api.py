@@ -127,6 +127,7 @@ async def test_health_reports_embedded_broker(
         body = await resp.json()
     assert body["status"] == "healthy"
     assert body["redis"] == "disabled"
+    assert body["history"] == "disabled"
 
 
 async def test_admin_token_guards_stream_poll_and_publish(

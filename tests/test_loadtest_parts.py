@@ -1,15 +1,24 @@
-"""Unit tests of the load client's pieces: histogram, tally, SSE parser, tokens."""
+"""Unit tests of the load client's pieces: histogram, tally, SSE parser, tokens,
+and the split of streams over shards."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import random
+from pathlib import Path
 
 import jwt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bomstream import loadtest
 from bomstream.loadtest.histogram import LogHistogram
+from bomstream.loadtest.options import LoadOptions
+from bomstream.loadtest.records import ClientPart, ClientUsage, StreamCounts
+from bomstream.loadtest.report import Report
+from bomstream.loadtest.runner import LoadTest, Shard
 from bomstream.loadtest.sseclient import SSEConnection
 from bomstream.loadtest.tally import StreamTally, make_event_id
 from bomstream.loadtest.token import claims_for, mint_token
@@ -205,3 +214,150 @@ def test_minted_token_puts_the_org_at_the_dotted_claim(claim: str, path: list[st
 def test_minting_without_a_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="jwt_secret"):
         mint_token("", "organization_id", "o", subject="s", ttl_s=60)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=10_000_000), max_size=300),
+    st.lists(st.integers(min_value=0, max_value=10_000_000), max_size=300),
+)
+def test_merged_histograms_are_the_histogram_of_all_samples(a: list[int], b: list[int]) -> None:
+    ha, hb, whole = LogHistogram(), LogHistogram(), LogHistogram()
+    for v in a:
+        ha.record(v)
+        whole.record(v)
+    for v in b:
+        hb.record(v)
+        whole.record(v)
+    # Through JSON, as a worker process sends its histogram.
+    merged = LogHistogram.from_json(ha.to_json())
+    merged.merge(LogHistogram.from_json(hb.to_json()))
+    assert merged.counts == whole.counts
+    assert (merged.count, merged.total, merged.max) == (whole.count, whole.total, whole.max)
+    assert merged.to_json() == whole.to_json()
+    for q in (0.5, 0.99, 1.0):
+        assert merged.quantile(q) == whole.quantile(q)
+
+
+def faulty_stream_body(run: str, number: int, bom: int, boms: int) -> bytes:
+    """The crafted faults, varied per stream: a gap, a duplicate, a late event,
+    a missing tail, an event of another BOM, one of another run."""
+    rng = random.Random(number)
+    seqs = list(range(1, 13))
+    seqs.remove(rng.randrange(2, 6))  # lost
+    seqs.insert(rng.randrange(3, 8), rng.randrange(1, 4))  # duplicate
+    late = rng.randrange(6, 9)
+    seqs.remove(late)
+    seqs.insert(rng.randrange(late, 11), late)  # out of order
+    del seqs[-rng.randrange(0, 3) or len(seqs) :]  # missing tail, on some streams
+    frames = [b'event: connected\ndata: {"type":"connected"}\n\n']
+    frames += [event_frame(run, bom, s, sent_us=1000 * number + s) for s in seqs]
+    if number % 3 == 0:
+        frames.append(event_frame(run, (bom + 1) % boms, 1))
+    if number % 4 == 0:
+        frames.append(event_frame("other", bom, 1))
+        frames.append(b": keepalive\n\n")
+    return HEAD + chunked(*frames)
+
+
+def count_sharded(shards: int, connections: int, boms: int, slow: int) -> list[StreamCounts]:
+    """Every stream fed its crafted body, the streams split over ``shards``
+    LoadTests the way worker processes split them."""
+    opts = LoadOptions(url="http://127.0.0.1:1", connections=connections, boms=boms)
+    opts = dataclasses.replace(opts, slow_consumers=slow)
+    published = [12 + b for b in range(boms)]
+    parts = []
+    for k in range(shards):
+        lt = LoadTest(opts, "r7", Shard(k, shards))
+        for j, number in enumerate(lt.numbers):
+            bom = number % boms
+            conn = SSEConnection(lt, j, bom, b"", lt.tallies[j])
+            body = faulty_stream_body("r7", number, bom, boms)
+            rng = random.Random(number)
+            cuts = sorted(rng.randrange(1, len(body)) for _ in range(3))
+            for start, end in zip([0, *cuts], [*cuts, len(body)], strict=True):
+                conn.data_received(body[start:end])
+        # What crosses the pipe from a worker is JSON.
+        parts.append(StreamCounts.from_json(lt.counts(published).to_json()))
+    return parts
+
+
+def without_clock(counts: StreamCounts) -> dict[str, object]:
+    """Everything but what depends on when the test ran (latencies, timestamps)."""
+    out = {k: v for k, v in counts.to_json().items() if not k.endswith("_at")}
+    out["latency"] = counts.latency.count
+    return out
+
+
+@pytest.mark.parametrize("shards", [2, 3, 7])
+def test_streams_split_over_shards_count_exactly_what_one_process_counts(shards: int) -> None:
+    (single,) = count_sharded(1, connections=40, boms=6, slow=5)
+    assert single.lost > 0 and single.duplicates > 0 and single.out_of_order > 0
+    assert single.misrouted > 0 and single.foreign > 0 and single.keepalives > 0
+    parts = count_sharded(shards, connections=40, boms=6, slow=5)
+    assert [p.streams for p in parts] == [len(range(k, 40, shards)) for k in range(shards)]
+    assert sum(p.slow_consumers for p in parts) == 5
+    merged = StreamCounts.merged(parts)
+    assert without_clock(merged) == without_clock(single)
+
+
+def test_the_loadtest_package_has_no_import_circle() -> None:
+    """Imports under TYPE_CHECKING and inside functions count too."""
+    package = Path(loadtest.__file__).parent
+    names = {p.stem for p in package.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "bomstream.loadtest":
+                    deps.update(a.name for a in node.names if a.name in names)
+                elif node.module.startswith("bomstream.loadtest."):
+                    deps.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("bomstream.loadtest."):
+                        deps.add(alias.name.split(".")[2])
+        graph[path.stem] = deps - {path.stem}
+    done: set[str] = set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        assert name not in trail, " -> ".join([*trail, name])
+        if name in done:
+            return
+        for dep in sorted(graph.get(name, ())):
+            visit(dep, [*trail, name])
+        done.add(name)
+
+    assert "runner" in graph["conduct"] or "report" in graph["conduct"]
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def report_with_usage(*usage: ClientUsage) -> Report:
+    opts = LoadOptions(url="http://127.0.0.1:1", connections=2, boms=1)
+    parts = [ClientPart(u, StreamCounts(streams=1) if u.role == "streams" else None) for u in usage]
+    counts = StreamCounts.merged([p.counts for p in parts if p.counts is not None])
+    return Report.build(opts, "r1", counts, None, parts, drain_s=0.0, gateway=None)
+
+
+def test_report_gives_each_client_process_its_cpu_share_and_warns_above_85_percent() -> None:
+    calm = report_with_usage(
+        ClientUsage(10, "publisher", 0.5, 10.0),
+        ClientUsage(11, "streams", 8.5, 10.0),
+        ClientUsage(12, "streams", 0.0, 0.0),
+    )
+    rows = [p["cpu_share"] for p in calm.data["client_processes"]]
+    assert rows == [0.05, 0.85, None]
+    assert calm.data["client_cpu_warning"] is None
+    table = calm.table()
+    assert "client pid 11" in table and "CPU share 85% of a core" in table
+    assert "CPU share not measured" in table
+    assert "warning" not in table
+
+    busy = report_with_usage(
+        ClientUsage(10, "publisher", 0.5, 10.0), ClientUsage(11, "streams", 8.6, 10.0)
+    )
+    warning = busy.data["client_cpu_warning"]
+    assert warning is not None and "pid 11 at 86%" in warning and "pid 10" not in warning
+    assert busy.table().splitlines()[-1] == f"warning: {warning}"

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from bomstream.loadtest.runner import LoadOptions, LoadTest
+from bomstream.loadtest.options import LoadOptions
+from bomstream.loadtest.run import run_load
 from tests.gateway_proc import GatewayProcess
 from tests.redis_proc import RedisProcess
 
@@ -133,7 +134,7 @@ async def test_accounting_matches_the_faults_the_server_injected(crafted: Crafte
         publish_via="http",
         progress=False,
     )
-    report = (await LoadTest(opts).run()).data
+    report = (await run_load(opts)).data
     per_bom = 20
     streams = 4
     assert report["publish"]["sent"] == 2 * per_bom

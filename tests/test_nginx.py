@@ -4,76 +4,29 @@ processes sharing one real redis-server, as in production."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 
 from tests.conftest import open_stream, progress, publish
-from tests.gateway_proc import GatewayProcess
 from tests.metrics_scrape import scrape, value
-from tests.nginx_proc import NginxProcess
-from tests.redis_proc import RedisProcess, require_binary
-from tests.sse import Frame, SSEStream
+from tests.nginx_stack import Follower, Stack, nginx_stack
+from tests.redis_proc import RedisProcess
+from tests.sse import SSEStream
 from tests.waiting import eventually
 
 ADMIN = "nginx-suite-admin-token"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
 GRACE_S = 5.0
-
-
-@dataclass
-class Stack:
-    redis: RedisProcess
-    gateways: list[GatewayProcess]
-    nginx: NginxProcess
-
-    @property
-    def url(self) -> str:
-        return self.nginx.url
-
-    def publish(self, bom_id: str, event: dict[str, object]) -> None:
-        """What a worker does: PUBLISH straight to Redis."""
-        self.redis.publish(f"enrichment:{bom_id}", json.dumps(event))
-
-    async def serving(self, http: aiohttp.ClientSession) -> list[int]:
-        """Open streams per gateway, from each one's own health check."""
-        return [(await g.health(http))["streams"] for g in self.gateways]
 
 
 @pytest.fixture
 async def stack(redis_server: RedisProcess, http: aiohttp.ClientSession) -> AsyncIterator[Stack]:
-    gateways = [
-        GatewayProcess(
-            redis_url=redis_server.url,
-            auth_admin_token=ADMIN,
-            server_heartbeat_s=0.2,
-            server_retry_ms=100,
-            server_shutdown_grace_s=GRACE_S,
-            redis_backoff_initial_s=0.05,
-            redis_backoff_max_s=0.5,
-        )
-        for _ in range(2)
-    ]
-    require_binary("nginx")
-    nginx: NginxProcess | None = None
-    try:
-        await asyncio.gather(*(g.start(http) for g in gateways))
-        assert gateways[0].port != gateways[1].port
-        nginx = NginxProcess([g.port for g in gateways])
-        nginx.start()
-        yield Stack(redis_server, gateways, nginx)
-    finally:
-        if nginx is not None:
-            nginx.close()
-        for g in gateways:
-            g.close()
-
-
-AUTH = {"Authorization": f"Bearer {ADMIN}"}
+    async with nginx_stack(redis_server, http, admin=ADMIN, grace_s=GRACE_S) as made:
+        yield made
 
 
 async def test_event_published_to_redis_reaches_client_through_nginx_within_300ms(
@@ -109,52 +62,10 @@ async def test_event_published_to_redis_reaches_client_through_nginx_within_300m
         assert loop.time() - t0 < 1.5
 
 
-TERMINAL = {"enrichment.completed", "enrichment.failed", "enrichment.error"}
-
-
-@dataclass
-class Follower:
-    """Reads a stream as a browser client does: EventSource reconnects with
-    Last-Event-ID after ``retry`` whenever the connection ends, and the page
-    closes it for good at a ``stream_end`` whose reason is a terminal event."""
-
-    url: str
-    events: list[Frame] = field(default_factory=list)
-    connects: list[bool] = field(default_factory=list)  # the ``resumed`` flag of each
-    ends: list[str] = field(default_factory=list)  # every stream_end reason seen
-    end_reason: str | None = None
-
-    async def run(self, http: aiohttp.ClientSession, max_connects: int = 20) -> None:
-        last_id: str | None = None
-        for _ in range(max_connects):
-            headers = dict(AUTH)
-            if last_id is not None:
-                headers["Last-Event-ID"] = last_id
-            try:
-                async with http.get(self.url, headers=headers) as resp:
-                    if resp.status == 200:
-                        s = SSEStream(resp)
-                        while (frame := await s.next_event(timeout=5)) is not None:
-                            if frame.event == "connected":
-                                self.connects.append(frame.json()["resumed"])
-                            elif frame.event == "stream_end":
-                                self.ends.append(frame.json()["reason"])
-                                if self.ends[-1] in TERMINAL:
-                                    self.end_reason = self.ends[-1]
-                                    return
-                            else:
-                                self.events.append(frame)
-                                last_id = frame.id
-            except aiohttp.ClientError:
-                pass  # the instance died mid-stream: reconnect, as EventSource does
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"no stream_end after {max_connects} connections")
-
-
 async def test_killed_instance_client_resumes_on_the_other_with_every_event_once_in_order(
     stack: Stack, http: aiohttp.ClientSession
 ) -> None:
-    follower = Follower(f"{stack.url}/api/enrichment/stream/bom-f")
+    follower = Follower(f"{stack.url}/api/enrichment/stream/bom-f", ADMIN)
     task = asyncio.create_task(follower.run(http))
     try:
         await eventually(lambda: stack.serving(http), lambda counts: sorted(counts) == [0, 1])
@@ -189,7 +100,7 @@ async def test_killed_instance_client_resumes_on_the_other_with_every_event_once
 async def test_rolling_restart_moves_streams_to_the_other_instance_without_loss(
     stack: Stack, http: aiohttp.ClientSession
 ) -> None:
-    followers = [Follower(f"{stack.url}/api/enrichment/stream/bom-r") for _ in range(10)]
+    followers = [Follower(f"{stack.url}/api/enrichment/stream/bom-r", ADMIN) for _ in range(10)]
     tasks = [asyncio.create_task(f.run(http)) for f in followers]
     try:
         counts = await eventually(lambda: stack.serving(http), lambda c: sum(c) == 10)
@@ -229,7 +140,7 @@ async def test_events_without_event_id_still_resume_on_another_instance(
 ) -> None:
     """Every instance derives the same id for an id-less Redis event, so a client
     moving to another instance resumes where it was."""
-    follower = Follower(f"{stack.url}/api/enrichment/stream/bom-u")
+    follower = Follower(f"{stack.url}/api/enrichment/stream/bom-u", ADMIN)
     task = asyncio.create_task(follower.run(http))
     try:
         await eventually(lambda: stack.serving(http), lambda c: sum(c) == 1)

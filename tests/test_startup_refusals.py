@@ -78,3 +78,44 @@ def test_a_mistyped_secret_is_not_repeated_in_the_error(tmp_path: Path) -> None:
     out = run_cli("serve", "--config", str(cfg))
     assert_refused(out.returncode, out.stderr, out.stdout, "auth.admin_token", "expected a string")
     assert "918273645546372819" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"BOMSTREAM_HISTORY_BACKEND": "mongo"}, ("history.backend", "none, redis or postgres")),
+        ({"BOMSTREAM_HISTORY_BACKEND": "redis"}, ("history.backend", "redis.url")),
+        ({"BOMSTREAM_HISTORY_BACKEND": "postgres"}, ("history.url", "required")),
+        (
+            {"BOMSTREAM_HISTORY_BACKEND": "postgres", "BOMSTREAM_HISTORY_URL": "mysql://db/x"},
+            ("history.url", "postgresql://"),
+        ),
+        (
+            {
+                "BOMSTREAM_HISTORY_BACKEND": "postgres",
+                "BOMSTREAM_HISTORY_URL": "postgresql://h:x/d",
+            },
+            ("history.url", "not a parsable URL"),
+        ),
+        ({"BOMSTREAM_HISTORY_URL": "postgresql://db/x"}, ("history.url", "only the postgres")),
+        ({"BOMSTREAM_HISTORY_TABLE": "events; drop table x"}, ("history.table",)),
+        ({"BOMSTREAM_HISTORY_TIMEOUT_S": "soon"}, ("BOMSTREAM_HISTORY_TIMEOUT_S", "a number")),
+        ({"BOMSTREAM_HISTORY_POOL_SIZE": "0"}, ("history.pool_size",)),
+    ],
+)
+def test_bad_history_settings_refuse_to_start(
+    env: dict[str, str], needles: tuple[str, ...]
+) -> None:
+    out = run_cli("serve", "--port", "0", env=cli_env(**env))
+    assert_refused(out.returncode, out.stderr, out.stdout, *needles)
+
+
+def test_a_history_url_password_never_appears_in_the_refusal() -> None:
+    env = cli_env(
+        BOMSTREAM_HISTORY_BACKEND="redis",
+        BOMSTREAM_HISTORY_URL="postgresql://user:hunter2-secret@db/x",
+        BOMSTREAM_REDIS_URL="redis://127.0.0.1:9/0",
+    )
+    out = run_cli("serve", "--port", "0", env=env)
+    assert_refused(out.returncode, out.stderr, out.stdout, "history.url")
+    assert "hunter2" not in out.stderr

@@ -19,18 +19,19 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
-import redis.asyncio as aioredis
 
 from bomstream.config import Config
 from bomstream.events import Event, EventRejected, is_valid_bom_id, parse_event
 from bomstream.hub import Hub
 from bomstream.logs import FIELDS, DropReporter
 from bomstream.metrics import Metrics
+from bomstream.publisher import AsyncPublisher, PublishSettings
 
 log = logging.getLogger("bomstream.redis")
 
@@ -133,14 +134,22 @@ class _FeedProtocol(asyncio.Protocol):
 
 
 class RedisBroker:
-    def __init__(self, cfg: Config, hub: Hub, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        hub: Hub,
+        metrics: Metrics,
+        record: Callable[[Event], None] | None = None,
+    ) -> None:
+        """``record`` stores each accepted feed event in shared history."""
         self._cfg = cfg
+        self._record = record
         self._hub = hub
         self._metrics = metrics
         self._target = parse_redis_url(cfg.redis.url)
         self._prefix = cfg.redis.channel_prefix.encode()
         self._connected = False
-        self._publisher: aioredis.Redis | None = None
+        self._publisher: AsyncPublisher | None = None
         self._drops = DropReporter(log, "redis")
         self._max_bytes = cfg.limits.max_event_bytes
         self._terminal = frozenset(cfg.events.terminal_types)
@@ -171,7 +180,8 @@ class RedisBroker:
         except EventRejected as exc:
             self._drop(exc.code)
             return
-        self._hub.ingest(event, "redis")
+        if self._hub.ingest(event, "redis") and self._record is not None:
+            self._record(event)
 
     def _drop(self, reason: str) -> None:
         self._metrics.events_dropped.labels(reason).inc()
@@ -265,15 +275,14 @@ class RedisBroker:
 
     async def publish(self, event: Event) -> None:
         if self._publisher is None:
-            self._publisher = aioredis.Redis.from_url(
-                self._cfg.redis.url, socket_connect_timeout=CONNECT_TIMEOUT_S
-            )
-        await self._publisher.publish(self._prefix + event.bom_id.encode(), event.data)
+            # With Redis history on, this appends and PUBLISHes in one script.
+            self._publisher = AsyncPublisher.from_settings(PublishSettings.from_config(self._cfg))
+        await self._publisher.publish_event(event)
         # Counted here as taken in over HTTP; it is counted again as "redis" by
         # every instance (this one included) when it comes back through the feed.
         self._metrics.events_received.labels("http").inc()
 
     async def close(self) -> None:
         if self._publisher is not None:
-            await self._publisher.aclose()
+            await self._publisher.close()
             self._publisher = None

@@ -59,6 +59,12 @@ class BomBuffer:
     def __reversed__(self) -> Iterator[Event]:
         return reversed(self._events)
 
+    def replace(self, events: list[Event]) -> None:
+        """Hold ``events`` (in that order) instead; the newest ``capacity`` are kept."""
+        self.clear()
+        for ev in events[-self.capacity :]:
+            self.append(ev)
+
     def clear(self) -> None:
         self._events.clear()
         self._by_id.clear()

@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from bomstream.config import Config, ConfigError, load_config
+from bomstream.eventloop import run
 
 EXIT_CONFIG = 2
 
@@ -29,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(serve)
     serve.add_argument("--host", help="server.host")
     serve.add_argument("--port", type=int, help="server.port")
+    serve.add_argument(
+        "--workers", type=int, metavar="N", help="server.workers (0 = one per CPU; needs Redis)"
+    )
+    # How a supervisor starts its workers; not for use by hand.
+    serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-format", choices=("text", "json"), help="server.log_format")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
@@ -79,6 +85,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["server.host"] = args.host
     if getattr(args, "port", None) is not None:
         out["server.port"] = args.port
+    # loadtest has a --workers of its own: client processes, not server.workers.
+    if args.command == "serve" and args.workers is not None:
+        out["server.workers"] = args.workers
     if getattr(args, "log_format", None) is not None:
         out["server.log_format"] = args.log_format
     if getattr(args, "log_level", None) is not None:
@@ -92,6 +101,11 @@ def _load(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and args.supervised:
+        from bomstream.supervisors.worker import worker_main
+
+        # Its config comes from the supervisor, resolved once for every worker.
+        return worker_main()
     try:
         cfg = _load(args)
     except ConfigError as exc:
@@ -139,15 +153,21 @@ def _token(cfg: Config, args: argparse.Namespace) -> int:
 def _serve(cfg: Config) -> int:
     from bomstream.logs import setup_logging
     from bomstream.server import serve
+    from bomstream.supervisors import worker_count
 
     a = cfg.auth
     setup_logging(
         cfg.server.log_format,
         cfg.server.log_level,
-        secrets=(a.admin_token, a.jwt_secret, cfg.metrics.token),
+        secrets=(a.admin_token, a.jwt_secret, cfg.metrics.token, *cfg.url_passwords),
     )
+    workers = worker_count(cfg.server.workers)
     try:
-        _run(serve(cfg))
+        if workers > 1:
+            from bomstream.supervisors.multiprocess import supervise
+
+            return supervise(cfg, workers)
+        run(serve(cfg))
     except OSError as exc:
         print(
             f"bomstream: cannot listen on {cfg.server.host}:{cfg.server.port}: {_os_reason(exc)}",
@@ -170,7 +190,7 @@ def _demo(cfg: Config, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     setup_logging(cfg.server.log_format, cfg.server.log_level)
     try:
-        _run(run_demo(cfg, speed=args.speed, rounds=args.rounds, seed=args.seed))
+        run(run_demo(cfg, speed=args.speed, rounds=args.rounds, seed=args.seed))
     except OSError as exc:
         print(
             f"bomstream: cannot listen on {cfg.server.host}:{cfg.server.port}: {_os_reason(exc)}",
@@ -178,15 +198,6 @@ def _demo(cfg: Config, args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def _run(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
 
 
 def _os_reason(exc: OSError) -> str:

@@ -10,20 +10,25 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from bomstream.events import EVENT_TYPE_RE
 
 ENV_PREFIX = "BOMSTREAM_"
 DEFAULT_CONFIG_FILE = "config.toml"
 # Credentials: a config error about one of these never repeats its value.
-SECRET_KEYS = frozenset({"auth.admin_token", "auth.jwt_secret", "metrics.token"})
+SECRET_KEYS = frozenset({"auth.admin_token", "auth.jwt_secret", "metrics.token", "history.url"})
 DEFAULT_TERMINAL_TYPES = ("enrichment.completed", "enrichment.failed", "enrichment.error")
+HISTORY_BACKENDS = ("none", "redis", "postgres")
+# A table name, optionally schema-qualified; it is quoted into SQL, so nothing else passes.
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
 
 
 class ConfigError(Exception):
@@ -34,6 +39,8 @@ class ConfigError(Exception):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # Gateway processes on the port; 0 = one per CPU this process may run on.
+    workers: int = 1
     heartbeat_s: float = 15.0
     retry_ms: int = 3000
     max_stream_s: float = 0.0
@@ -61,6 +68,20 @@ class RedisConfig:
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0
     health_check_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryConfig:
+    # "" picks the default: "redis" when redis.url is set, else "none".
+    backend: str = ""
+    url: str = ""
+    key_prefix: str = "enrichment-history:"
+    table: str = "enrichment_events"
+    timeout_s: float = 2.0
+    pool_size: int = 4
+
+    def resolved_backend(self, redis_url: str) -> str:
+        return self.backend or ("redis" if redis_url else "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +126,30 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def history_backend(self) -> str:
+        """``none``, ``redis`` or ``postgres``, with the default resolved."""
+        return self.history.resolved_backend(self.redis.url)
+
+    @property
+    def url_passwords(self) -> tuple[str, ...]:
+        """Passwords inside the Redis and history URLs, for the log redactor."""
+        out = []
+        for url in (self.redis.url, self.history.url):
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                password = None
+            if password:
+                out.append(unquote(password))
+        return tuple(out)
 
     @property
     def open_mode(self) -> bool:
@@ -264,6 +304,7 @@ def _split_env(env_name: str, sections: dict[str, type[Any]]) -> tuple[str, str]
 def _validate(cfg: Config) -> None:
     s = cfg.server
     _check(0 <= s.port <= 65535, "server.port", f"must be 0..65535, got {s.port}")
+    _check(s.workers >= 0, "server.workers", "must be 0 (one per CPU) or more")
     _check(s.heartbeat_s > 0, "server.heartbeat_s", "must be greater than 0")
     _check(s.retry_ms >= 0, "server.retry_ms", "must not be negative")
     _check(s.max_stream_s >= 0, "server.max_stream_s", "must not be negative")
@@ -292,6 +333,13 @@ def _validate(cfg: Config) -> None:
     _check(r.backoff_initial_s > 0, "redis.backoff_initial_s", "must be greater than 0")
     _check(r.backoff_max_s >= r.backoff_initial_s, "redis.backoff_max_s", "must be >= initial")
     _check(r.health_check_s >= 0, "redis.health_check_s", "must not be negative")
+    if s.workers != 1 and not r.url:
+        many = "0 (one per CPU)" if s.workers == 0 else str(s.workers)
+        raise ConfigError(
+            f"server.workers: {many} needs redis.url; on the embedded broker an event"
+            " published to one worker would never reach the others"
+        )
+    _validate_history(cfg)
     _check(bool(cfg.auth.org_claim), "auth.org_claim", "must not be empty")
     _check(cfg.auth.leeway_s >= 0, "auth.leeway_s", "must not be negative")
     _check(cfg.auth.ticket_ttl_s > 0, "auth.ticket_ttl_s", "must be greater than 0")
@@ -310,6 +358,44 @@ def _validate(cfg: Config) -> None:
             f"server.host: refusing to serve without auth on non-loopback host {s.host!r};"
             " set auth.admin_token or auth.jwt_secret"
         )
+
+
+def _validate_history(cfg: Config) -> None:
+    h = cfg.history
+    if h.backend and h.backend not in HISTORY_BACKENDS:
+        raise ConfigError(f"history.backend: must be none, redis or postgres, got {h.backend!r}")
+    backend = cfg.history_backend
+    if backend == "redis":
+        _check(
+            bool(cfg.redis.url),
+            "history.backend",
+            "'redis' keeps history in the Redis of redis.url, which is not set",
+        )
+    if backend == "postgres":
+        _check(bool(h.url), "history.url", "required for history.backend = 'postgres'")
+        try:
+            parts = urlsplit(h.url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ConfigError("history.url: not a parsable URL") from None
+        _check(
+            parts.scheme in ("postgres", "postgresql"),
+            "history.url",
+            "must be a postgresql:// URL",
+        )
+    elif h.url:
+        raise ConfigError(
+            "history.url: only the postgres backend reads it"
+            " (the redis backend uses redis.url, so it can append and PUBLISH in one step)"
+        )
+    _check(bool(h.key_prefix), "history.key_prefix", "must not be empty")
+    _check(
+        _TABLE_NAME.fullmatch(h.table) is not None,
+        "history.table",
+        "must be a table name (letters, digits, _; optionally schema.table)",
+    )
+    _check(h.timeout_s > 0, "history.timeout_s", "must be greater than 0")
+    _check(h.pool_size >= 1, "history.pool_size", "must be at least 1")
 
 
 def _is_loopback(host: str) -> bool:

@@ -57,6 +57,9 @@ class Event:
     # Seconds since the epoch from the event's ``created_at``, when it had a parsable one.
     created_at: float | None
     seq: int = 0
+    # Nonzero while the event is held only from history (merge generation that
+    # added it) and its live copy has not arrived yet; see Hub.merge_history.
+    hist_gen: int = 0
 
     @property
     def data(self) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 
 import orjson
@@ -70,6 +71,7 @@ async def handle_poll(request: web.Request) -> web.Response:
     principal = await gw.auth.authenticate_reader(request, bom_id)
     limit = _parse_limit(request.query.get("limit"))
     after = request.query.get("after") or None
+    await gw.recall.ensure(bom_id)
     owner = gw.hub.owner(bom_id)
     if principal.org is not None and owner is not None and owner != principal.org:
         raise ApiError(403, "forbidden", "this BOM belongs to another organization")
@@ -107,9 +109,13 @@ async def handle_health(request: web.Request) -> web.Response:
     body = {
         "status": "healthy" if healthy else "unhealthy",
         "redis": gw.broker.status,
+        "history": gw.recall.status,
         "streams": gw.hub.stream_count,
         "boms": gw.hub.bom_count,
         "uptime_s": round(time.monotonic() - gw.started_at, 1),
+        # Which process answered: several workers share one port.
+        "worker": gw.worker,
+        "pid": os.getpid(),
     }
     return json_response(body, status=200 if healthy else 503)
 

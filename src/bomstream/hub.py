@@ -1,13 +1,11 @@
-"""The in-process broker: per-BOM replay buffers and fan-out to open streams.
+"""The in-process broker: per-BOM replay buffers, streams, and their lifecycle.
 
 Everything here is synchronous and runs on the event loop thread, which is
 what makes replay race-free: reading the buffer for a new stream's catch-up
 and registering that stream for live events happen in one step, with no
 ``await`` in between, so no event can fall between them or arrive twice.
-
-Fan-out writes one pre-framed HTTP chunk straight to each stream's transport.
-There is no queue and no task wake-up per stream; the transport's own write
-buffer is the send queue, and its size is the back-pressure signal.
+Who watches what lives in :mod:`bomstream.channel`; writing events to the
+streams in :mod:`bomstream.fanout`.
 """
 
 from __future__ import annotations
@@ -17,11 +15,9 @@ import logging
 import random
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
-from bomstream.buffer import BomBuffer
+from bomstream.channel import Channel, Group, Opened, Subscriber, visible
 from bomstream.config import Config
 from bomstream.deadlines import Deadlines
 from bomstream.events import (
@@ -32,122 +28,34 @@ from bomstream.events import (
     retry_frame,
     stream_end_chunk,
 )
+from bomstream.fanout import FanOut
 from bomstream.metrics import Metrics
 from bomstream.principal import Principal
+from bomstream.reasons import CLIENT_GONE, MAX_DURATION, SERVER_SHUTDOWN, TOKEN_EXPIRED
 from bomstream.wheel import TimerWheel
+
+# The reasons the request handlers name are re-exported from here.
+__all__ = ["CLIENT_GONE", "SERVER_SHUTDOWN", "Access", "Hub"]
 
 log = logging.getLogger("bomstream.hub")
 
-# Why a stream ended. Terminal event types are reasons too.
-SERVER_SHUTDOWN = "server_shutdown"
-MAX_DURATION = "max_duration"
-TOKEN_EXPIRED = "token_expired"
-FORBIDDEN = "forbidden"
-SLOW_CONSUMER = "slow_consumer"
-CLIENT_GONE = "client_disconnected"
-
 Access = Literal["ok", "forbidden", "finished"]
-
-
-class Subscriber:
-    """One open stream. ``reason`` is set once it ends, and then ``on_end`` (set
-    by whoever serves the stream) is called soon after, once. A plain callback
-    rather than a future: at tens of thousands of streams, each object per
-    stream is memory, and work for every garbage collection."""
-
-    __slots__ = (
-        "_beat_slot",
-        "_deadline_key",
-        "bom_id",
-        "catchup_events",
-        "delivered_base",
-        "group",
-        "live_events",
-        "on_end",
-        "opened_at",
-        "principal",
-        "reason",
-        "transport",
-    )
-
-    def __init__(
-        self,
-        bom_id: str,
-        principal: Principal,
-        transport: asyncio.WriteTransport,
-    ) -> None:
-        self.bom_id = bom_id
-        self.principal = principal
-        self.group = principal.org
-        self.transport = transport
-        self.on_end: Callable[[], None] | None = None
-        self.reason: str | None = None
-        self.opened_at = time.monotonic()
-        self.catchup_events = 0
-        self.delivered_base = 0
-        self.live_events = 0
-        # Slot on the hub's heartbeat wheel; -1 once off it.
-        self._beat_slot = -1
-        # Key on the hub's deadline timer; -1 when the stream has no deadline.
-        self._deadline_key = -1
-
-
-class _Group:
-    """The streams of one BOM that see the same events (one org, or all orgs)."""
-
-    __slots__ = ("delivered", "subs")
-
-    def __init__(self) -> None:
-        self.subs: set[Subscriber] = set()
-        # Events written to this group since it was made; a stream's count of
-        # events sent is this minus its base, so nothing is counted per stream.
-        self.delivered = 0
-
-
-class _Channel:
-    __slots__ = ("bom_id", "buffer", "groups", "last_event_at", "owner", "pending")
-
-    def __init__(self, bom_id: str, capacity: int) -> None:
-        self.bom_id = bom_id
-        self.buffer = BomBuffer(capacity)
-        # A BOM belongs to the org of its first event that names one.
-        self.owner: str | None = None
-        self.groups: dict[str | None, _Group] = {}
-        self.pending: list[Event] = []
-        self.last_event_at = time.monotonic()
-
-    def has_subscribers(self) -> bool:
-        return any(g.subs for g in self.groups.values())
-
-
-@dataclass(slots=True)
-class Opened:
-    """What a new stream writes first, and the live subscription (None if already over)."""
-
-    initial: bytes
-    sub: Subscriber | None
-    resumed: bool
-    end_reason: str | None
-    catchup_events: int
-
-
-def _visible(event: Event, org: str | None) -> bool:
-    return org is None or event.org == org
 
 
 class Hub:
     def __init__(self, cfg: Config, metrics: Metrics) -> None:
         self._cfg = cfg
         self._metrics = metrics
-        self._channels: dict[str, _Channel] = {}
+        self._channels: dict[str, Channel] = {}
         # Channels holding events, least recently updated first (for the BOM cap).
         self._recency: OrderedDict[str, None] = OrderedDict()
-        self._dirty: dict[str, _Channel] = {}
+        self._dirty: dict[str, Channel] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._retry_chunk = chunk(retry_frame(cfg.server.retry_ms))
         self._send_limit = cfg.server.send_queue_bytes
         self._beats: TimerWheel[Subscriber] = TimerWheel(cfg.server.heartbeat_s, self._heartbeat)
         self._deadlines: Deadlines[Subscriber] = Deadlines(self.end)
+        self._fanout = FanOut(metrics, self._send_limit, self.end, self._finish)
         self.stream_count = 0
         self.streams_by_org: Counter[str | None] = Counter()
         self.closing = False
@@ -158,25 +66,76 @@ class Hub:
         """Buffer an accepted event and schedule its fan-out. False for a duplicate."""
         ch = self._channels.get(event.bom_id)
         if ch is None:
-            ch = self._channels[event.bom_id] = _Channel(
+            ch = self._channels[event.bom_id] = Channel(
                 event.bom_id, self._cfg.buffer.events_per_bom
             )
-        elif event.event_id in ch.buffer:
-            self._metrics.events_dropped.labels("duplicate").inc()
+        elif (held := ch.buffer.get(event.event_id)) is not None:
+            if held.hist_gen:
+                # Held from history, and this is its first live arrival.
+                self._fanout.deliver_late(ch, held)
+                self._metrics.events_received.labels(source).inc()
+            else:
+                self._metrics.events_dropped.labels("duplicate").inc()
             return False
         ch.buffer.append(event)
         if ch.owner is None and event.org is not None:
             ch.owner = event.org
         ch.last_event_at = time.monotonic()
+        self._metrics.events_received.labels(source).inc()
         self._touch(ch)
         ch.pending.append(event)
         if not self._dirty:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_dirty)
         self._dirty[ch.bom_id] = ch
-        self._metrics.events_received.labels(source).inc()
         return True
 
-    def _touch(self, ch: _Channel) -> None:
+    def needs_history(self, bom_id: str) -> bool:
+        """Whether the process buffer alone cannot answer for this BOM."""
+        ch = self._channels.get(bom_id)
+        return ch is None or not ch.history_loaded
+
+    def knows(self, bom_id: str) -> bool:
+        return bom_id in self._channels
+
+    def merge_history(self, bom_id: str, events: list[Event]) -> None:
+        """Merge a BOM's history (oldest first) into its buffer, by ``event_id``.
+
+        History events the buffer lacks are either older than anything this
+        process received live (placed before the buffer), or were stored just
+        before their live copy reaches this process (those after the last event
+        both hold: placed after the buffer). Either way they are marked with a
+        new merge generation: streams registered from now on get them through
+        catch-up, and when the live copy arrives it is delivered only to the
+        streams that registered before this merge, so nobody gets it twice.
+        """
+        ch = self._channels.get(bom_id)
+        if ch is None:
+            if not events:
+                return
+            ch = self._channels[bom_id] = Channel(bom_id, self._cfg.buffer.events_per_bom)
+        if ch.pending:
+            self._fanout.flush(ch)
+            self._dirty.pop(bom_id, None)
+        ch.history_loaded = True
+        held = ch.buffer
+        last_common = max((i for i, e in enumerate(events) if e.event_id in held), default=-1)
+        older = [e for e in events[: last_common + 1] if e.event_id not in held]
+        newer = [e for e in events[last_common + 1 :] if e.event_id not in held]
+        if last_common < 0:
+            older, newer = newer, []
+        if not older and not newer:
+            return
+        ch.merge_gen += 1
+        for ev in older:
+            ev.hist_gen = ch.merge_gen
+        for ev in newer:
+            ev.hist_gen = ch.merge_gen
+        held.replace([*older, *held, *newer])
+        ch.owner = next((e.org for e in held if e.org is not None), None)
+        ch.last_event_at = time.monotonic()
+        self._touch(ch)
+
+    def _touch(self, ch: Channel) -> None:
         recency = self._recency
         recency[ch.bom_id] = None
         recency.move_to_end(ch.bom_id)
@@ -191,10 +150,11 @@ class Hub:
             return
         self._recency.pop(bom_id, None)
         if ch.pending:
-            self._flush(ch)
+            self._fanout.flush(ch)
         self._dirty.pop(bom_id, None)
         if ch.has_subscribers():
             ch.buffer.clear()
+            ch.history_loaded = False
         else:
             del self._channels[bom_id]
 
@@ -205,86 +165,7 @@ class Hub:
         self._flush_handle = None
         for ch in dirty.values():
             if ch.pending:
-                self._flush(ch)
-
-    def _flush(self, ch: _Channel) -> None:
-        """Write every pending event of one BOM to its streams, coalesced per group."""
-        pending, ch.pending = ch.pending, []
-        terminal: Event | None = None
-        for i, ev in enumerate(pending):
-            if ev.terminal:
-                # Streams close at a terminal event; what follows (a new run)
-                # is read from the buffer by the streams that reconnect.
-                terminal = ev
-                pending = pending[: i + 1]
-                break
-        if not ch.groups:
-            return
-        now = time.time()
-        all_blob = pending[0].chunk if len(pending) == 1 else b"".join(e.chunk for e in pending)
-        delivered = 0
-        # Events written to at least one stream, for the publish-to-write histogram.
-        written_all = False
-        written_some: dict[str, Event] = {}
-        for org, group in list(ch.groups.items()):
-            if not group.subs:
-                continue
-            if org is not None and ch.owner is not None and ch.owner != org:
-                self._end_group(group, FORBIDDEN)
-                continue
-            if org is None:
-                visible = len(pending)
-                blob = all_blob
-            else:
-                mine = [e for e in pending if e.org == org]
-                visible = len(mine)
-                blob = all_blob if visible == len(pending) else b"".join(e.chunk for e in mine)
-                if visible and visible < len(pending):
-                    written_some.update((e.event_id, e) for e in mine)
-            if terminal is not None:
-                blob += stream_end_chunk(terminal.event_type)
-            elif not blob:
-                continue
-            if visible == len(pending):
-                written_all = True
-            group.delivered += visible
-            delivered += visible * len(group.subs)
-            self._write_group(group, blob, terminal)
-        self._metrics.events_delivered.inc(delivered)
-        observe = self._metrics.publish_to_write.observe
-        for ev in pending if written_all else written_some.values():
-            # created_at comes from the worker's clock; skew must not make it negative.
-            observe(max(0.0, now - (ev.created_at or ev.received_at)))
-
-    def _write_group(self, group: _Group, blob: bytes, terminal: Event | None) -> None:
-        limit = self._send_limit
-        gone: list[tuple[Subscriber, str]] = []
-        for sub in group.subs:
-            t = sub.transport
-            if t.is_closing():
-                gone.append((sub, CLIENT_GONE))
-                continue
-            t.write(blob)
-            if terminal is not None:
-                gone.append((sub, terminal.event_type))
-            elif t.get_write_buffer_size() > limit:
-                gone.append((sub, SLOW_CONSUMER))
-        for sub, reason in gone:
-            if reason == SLOW_CONSUMER:
-                self._cut_slow(sub)
-            else:
-                self._finish(sub, reason)
-
-    def _cut_slow(self, sub: Subscriber) -> None:
-        """A stream past server.send_queue_bytes: abort frees its unsent bytes now,
-        and the client resumes with Last-Event-ID."""
-        self._metrics.slow_consumer_disconnects.inc()
-        sub.transport.abort()
-        self._finish(sub, SLOW_CONSUMER)
-
-    def _end_group(self, group: _Group, reason: str) -> None:
-        for sub in list(group.subs):
-            self.end(sub, reason)
+                self._fanout.flush(ch)
 
     # -- streams -------------------------------------------------------------
 
@@ -305,14 +186,14 @@ class Hub:
                 anchor is not None
                 and latest is not None
                 and latest.terminal
-                and not any(_visible(e, principal.org) for e in ch.buffer.after(anchor))
+                and not any(visible(e, principal.org) for e in ch.buffer.after(anchor))
             ):
                 return "finished"
         return "ok"
 
-    def _latest_visible(self, ch: _Channel, org: str | None) -> Event | None:
+    def _latestvisible(self, ch: Channel, org: str | None) -> Event | None:
         for ev in reversed(ch.buffer):
-            if _visible(ev, org):
+            if visible(ev, org):
                 return ev
         return None
 
@@ -327,7 +208,7 @@ class Hub:
         ch = self._channels.get(bom_id)
         if ch is not None and ch.pending:
             # Deliver what is in flight first, so catch-up and live cannot overlap.
-            self._flush(ch)
+            self._fanout.flush(ch)
             self._dirty.pop(bom_id, None)
         org = principal.org
         resumed = False
@@ -342,7 +223,7 @@ class Hub:
                 resumed = True
                 catchup = list(ch.buffer.after(anchor))
             else:
-                latest = self._latest_visible(ch, org)
+                latest = self._latestvisible(ch, org)
                 if latest is not None:
                     catchup = [latest]
                 if ch.buffer.latest is not None and ch.buffer.latest is not latest:
@@ -351,13 +232,13 @@ class Hub:
         end_reason: str | None = None
         # A terminal event this stream may not see still ends it, unless the
         # stream has visible events after it (a new run has begun).
-        last_visible = max((i for i, e in enumerate(catchup) if _visible(e, org)), default=-1)
+        last_visible = max((i for i, e in enumerate(catchup) if visible(e, org)), default=-1)
         for i, ev in enumerate(catchup):
-            if ev.terminal and (i > last_visible or _visible(ev, org)):
+            if ev.terminal and (i > last_visible or visible(ev, org)):
                 catchup = catchup[: i + 1]
                 end_reason = ev.event_type
                 break
-        catchup = [e for e in catchup if _visible(e, org)]
+        catchup = [e for e in catchup if visible(e, org)]
         if catchup:
             self._metrics.events_delivered.inc(len(catchup))
         parts = [self._retry_chunk, chunk(connected_frame(bom_id, resumed))]
@@ -367,12 +248,13 @@ class Hub:
             self._metrics.stream_end.labels(end_reason).inc()
             return Opened(b"".join(parts), None, resumed, end_reason, len(catchup))
         if ch is None:
-            ch = self._channels[bom_id] = _Channel(bom_id, self._cfg.buffer.events_per_bom)
+            ch = self._channels[bom_id] = Channel(bom_id, self._cfg.buffer.events_per_bom)
         sub = Subscriber(bom_id, principal, transport)
         sub.catchup_events = len(catchup)
+        sub.gen = ch.merge_gen
         group = ch.groups.get(org)
         if group is None:
-            group = ch.groups[org] = _Group()
+            group = ch.groups[org] = Group()
         group.subs.add(sub)
         sub.delivered_base = group.delivered
         self.stream_count += 1
@@ -405,7 +287,7 @@ class Hub:
             return
         t.write(KEEPALIVE_CHUNK)
         if t.get_write_buffer_size() > self._send_limit:
-            self._cut_slow(sub)
+            self._fanout.cut_slow(sub)
 
     def end(self, sub: Subscriber, reason: str) -> None:
         """End a stream with a ``stream_end`` frame (shutdown, expiry, forbidden...)."""

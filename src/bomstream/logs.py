@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -69,9 +69,31 @@ def make_formatter(fmt: str, secrets: Iterable[str] = ()) -> logging.Formatter:
     return JsonFormatter(redactor) if fmt == "json" else TextFormatter(redactor)
 
 
-def setup_logging(fmt: str, level: str, secrets: Iterable[str] = ()) -> None:
+class ProcessFields(logging.Filter):
+    """Adds fields to every line of this process (a worker's index), after the
+    line's own, so that processes sharing one stderr can be told apart."""
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        super().__init__()
+        self._fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = getattr(record, FIELDS, None)
+        merged = {**own, **self._fields} if isinstance(own, dict) else dict(self._fields)
+        setattr(record, FIELDS, merged)
+        return True
+
+
+def setup_logging(
+    fmt: str,
+    level: str,
+    secrets: Iterable[str] = (),
+    process_fields: Mapping[str, object] | None = None,
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(make_formatter(fmt, secrets))
+    if process_fields:
+        handler.addFilter(ProcessFields(process_fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,8 +1,20 @@
-"""Prometheus metrics, one registry per gateway (no process-wide globals)."""
+"""Prometheus metrics, one registry per gateway (no process-wide globals).
+
+Under ``bomstream serve --workers N`` each worker is a gateway of its own, and
+prometheus-client's multiprocess mode keeps every worker's values in files of
+one shared directory; a scrape of any worker then reads them all, so the one
+shared port answers for the whole set. The gauges say how workers combine.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# prometheus-client reads it once, at import, to choose where values live.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -17,10 +29,20 @@ class Metrics:
     """Every metric the gateway exports. Updated once per event or per stream,
     never once per delivery."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        """``multiprocess_dir``: the directory shared by a supervisor's workers,
+        which must also be in ``PROMETHEUS_MULTIPROC_DIR`` from process start."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self._exposed = self.registry
+        if multiprocess_dir is not None:
+            self._exposed = _every_worker(multiprocess_dir)
         r = self.registry
-        self.streams_active = Gauge("bomstream_streams_active", "Open SSE streams.", registry=r)
+        self.streams_active = Gauge(
+            "bomstream_streams_active",
+            "Open SSE streams (of every live worker).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.streams_opened = Counter(
             "bomstream_streams_opened",
             "Stream requests by result (ok or the HTTP status returned).",
@@ -57,7 +79,11 @@ class Metrics:
             registry=r,
         )
         self.redis_connected = Gauge(
-            "bomstream_redis_connected", "1 while the Redis feed is subscribed.", registry=r
+            "bomstream_redis_connected",
+            "1 while the Redis feed is subscribed (in every live worker).",
+            registry=r,
+            # One worker without its feed is enough to miss events: show 0.
+            multiprocess_mode="livemin",
         )
         self.redis_reconnects = Counter(
             "bomstream_redis_reconnects", "Redis feed reconnect attempts.", registry=r
@@ -78,5 +104,35 @@ class Metrics:
             registry=r,
         )
 
+        self.history_reads = Counter(
+            "bomstream_history_reads",
+            "Shared-history reads: hit (events found), miss (none) or error.",
+            ["result"],
+            registry=r,
+        )
+        self.history_read_seconds = Histogram(
+            "bomstream_history_read_seconds",
+            "Duration of shared-history reads, errors included.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.history_writes = Counter(
+            "bomstream_history_writes",
+            "Events this instance offered to Redis history: stored, duplicate"
+            " (stored already), dropped (queue full while Redis was away).",
+            ["result"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
+
+
+def _every_worker(path: str) -> CollectorRegistry:
+    if os.environ.get(MULTIPROC_ENV) != path:
+        # Too late to switch now: values of this process would stay in memory,
+        # unseen by the other workers' scrapes.
+        raise RuntimeError(f"{MULTIPROC_ENV} must be {path} before prometheus_client is imported")
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]  # untyped upstream
+    return registry

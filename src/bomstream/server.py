@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -20,6 +20,8 @@ from bomstream.broker_redis import RedisBroker
 from bomstream.config import Config
 from bomstream.cors import setup_cors
 from bomstream.errors import error_middleware
+from bomstream.history import make_backend
+from bomstream.history.recall import Recall
 from bomstream.http_api import handle_health, handle_metrics, handle_poll, handle_publish
 from bomstream.hub import SERVER_SHUTDOWN, Hub
 from bomstream.logs import FIELDS
@@ -55,13 +57,36 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def make_app(cfg: Config) -> web.Application:
-    metrics = Metrics()
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """What makes a gateway one of the workers of ``bomstream serve --workers N``."""
+
+    index: int
+    # prometheus-client's multiprocess directory, shared by all the workers.
+    metrics_dir: str
+
+
+def make_app(cfg: Config, role: WorkerRole | None = None) -> web.Application:
+    metrics = Metrics(multiprocess_dir=role.metrics_dir if role is not None else None)
     hub = Hub(cfg, metrics)
-    broker: Broker = RedisBroker(cfg, hub, metrics) if cfg.redis.url else MemoryBroker(hub)
+    history = make_backend(cfg, metrics)
+    recall = Recall(cfg, hub, metrics, history)
+    broker: Broker
+    if cfg.redis.url:
+        broker = RedisBroker(cfg, hub, metrics, record=history.record if history else None)
+    else:
+        broker = MemoryBroker(hub)
     tickets = make_ticket_store(cfg.redis.url, cfg.auth.ticket_ttl_s)
     auth = Authenticator(cfg, metrics, tickets)
-    gw = Gateway(cfg=cfg, hub=hub, broker=broker, metrics=metrics, auth=auth)
+    gw = Gateway(
+        cfg=cfg,
+        hub=hub,
+        broker=broker,
+        metrics=metrics,
+        auth=auth,
+        recall=recall,
+        worker=role.index if role is not None else None,
+    )
     app = web.Application(
         middlewares=[error_middleware(streams={handle_stream})],
         client_max_size=cfg.limits.max_event_bytes + BODY_SLACK,
@@ -84,10 +109,12 @@ def make_app(cfg: Config) -> web.Application:
 
 
 async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
-    """Owner tasks of the broker connection, the buffer sweeper and the loop-lag probe."""
+    """Owner tasks of the broker connection, the history connections, the buffer
+    sweeper and the loop-lag probe."""
     gw = app[GATEWAY]
     tasks = [
         asyncio.create_task(gw.broker.run(), name="broker"),
+        asyncio.create_task(gw.recall.run(), name="history"),
         asyncio.create_task(gw.hub.run_sweeper(), name="sweeper"),
         asyncio.create_task(probe_loop_lag(gw.metrics.loop_lag), name="loop-lag"),
     ]
@@ -98,6 +125,7 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await gw.broker.close()
+    await gw.recall.close()
     await gw.auth.tickets.close()
 
 
@@ -119,8 +147,7 @@ class RunningGateway:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     @property
     def gateway(self) -> Gateway:
@@ -130,9 +157,28 @@ class RunningGateway:
         await self.runner.cleanup()
 
 
-async def start(cfg: Config) -> RunningGateway:
-    """Start listening; ``server.port = 0`` picks a free port."""
-    app = make_app(cfg)
+def http_url(host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
+def listening_fields(cfg: Config) -> dict[str, str]:
+    """What the ``bomstream listening`` line says besides the address."""
+    return {
+        "broker": "redis" if cfg.redis.url else "embedded",
+        "history": cfg.history_backend,
+        "auth": "open" if cfg.open_mode else "token",
+    }
+
+
+async def start(cfg: Config, role: WorkerRole | None = None) -> RunningGateway:
+    """Start listening; ``server.port = 0`` picks a free port.
+
+    A worker (``role``) joins the other workers on the port its supervisor
+    reserved: SO_REUSEPORT lets each bind it, and the kernel spreads new
+    connections over them.
+    """
+    app = make_app(cfg, role)
     runner = GatewayRunner(
         app,
         shutdown_timeout=cfg.server.shutdown_grace_s,
@@ -143,7 +189,14 @@ async def start(cfg: Config) -> RunningGateway:
         access_log_class=AccessLogger,
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.server.host, cfg.server.port, backlog=4096, reuse_address=True)
+    site = web.TCPSite(
+        runner,
+        cfg.server.host,
+        cfg.server.port,
+        backlog=4096,
+        reuse_address=True,
+        reuse_port=role is not None,
+    )
     try:
         await site.start()
     except BaseException:
@@ -155,26 +208,33 @@ async def start(cfg: Config) -> RunningGateway:
     return RunningGateway(runner, app, str(host), int(port))
 
 
-async def serve(cfg: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    stop = asyncio.Event()
+async def serve(
+    cfg: Config,
+    role: WorkerRole | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+    on_listening: Callable[[RunningGateway], None] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT (or until ``stop`` is set), then shut down gracefully.
+
+    A worker leaves the ``bomstream listening`` line to its supervisor, which
+    logs it once every worker listens; ``on_listening`` is how a worker says so.
+    """
+    if stop is None:
+        stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start(cfg)
+    running = await start(cfg, role)
     tune_gc()
-    log.info(
-        "bomstream listening",
-        extra={
-            FIELDS: {
-                "url": running.url,
-                "broker": "redis" if cfg.redis.url else "embedded",
-                "auth": "open" if cfg.open_mode else "token",
-            }
-        },
-    )
+    if role is None:
+        log.info(
+            "bomstream listening", extra={FIELDS: {"url": running.url, **listening_fields(cfg)}}
+        )
     try:
+        if on_listening is not None:
+            on_listening(running)
         await stop.wait()
     finally:
         await running.stop()
-        log.info("bomstream stopped")
+        log.info("bomstream stopped" if role is None else "worker stopped")

@@ -11,6 +11,7 @@ from aiohttp import web
 from bomstream.auth import Authenticator
 from bomstream.broker import Broker
 from bomstream.config import Config
+from bomstream.history.recall import Recall
 from bomstream.hub import Hub
 from bomstream.logs import DropReporter
 from bomstream.metrics import Metrics
@@ -24,6 +25,10 @@ class Gateway:
     broker: Broker
     metrics: Metrics
     auth: Authenticator
+    recall: Recall
+    # The index of this worker under ``serve --workers N``; None when the
+    # process serves on its own.
+    worker: int | None = None
     # Stream connections handed over from aiohttp (see stream.OpenStream).
     handed_over: HandedOver = field(default_factory=HandedOver)
     started_at: float = field(default_factory=time.monotonic)

@@ -15,9 +15,10 @@ import time
 
 from aiohttp import web
 
+from bomstream.channel import Subscriber
 from bomstream.errors import ApiError, error_response
 from bomstream.events import is_valid_bom_id
-from bomstream.hub import CLIENT_GONE, Subscriber
+from bomstream.hub import CLIENT_GONE
 from bomstream.logs import FIELDS
 from bomstream.principal import Principal
 from bomstream.protocol import GatewayProtocol
@@ -72,6 +73,9 @@ async def _admit(request: web.Request, gw: Gateway) -> tuple[str, Principal, str
     if org_limit and principal.org is not None and hub.streams_by_org[principal.org] >= org_limit:
         raise _refuse(429, "org_stream_limit", "too many open streams for this organization", True)
     after = last_event_id(request)
+    # A BOM this instance cannot answer for alone is loaded from shared
+    # history first; every decision below is then the buffer's, as always.
+    await gw.recall.ensure(bom_id)
     access = hub.check_access(bom_id, principal, after)
     if access == "forbidden":
         raise _refuse(403, "forbidden", "this BOM belongs to another organization")

@@ -32,6 +32,7 @@ async def handle_ticket(request: web.Request) -> web.Response:
         raise ApiError(
             400, "invalid_bom_id", "bom_id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
         )
+    await gw.recall.ensure(bom_id)
     owner = gw.hub.owner(bom_id)
     if principal.org is not None and owner is not None and owner != principal.org:
         raise ApiError(403, "forbidden", "this BOM belongs to another organization")

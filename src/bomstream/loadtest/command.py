@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
 from bomstream.config import Config
+from bomstream.loadtest.options import LoadOptions, PublishVia
+from bomstream.loadtest.pool import WorkerFailed
 from bomstream.loadtest.report import Report
-from bomstream.loadtest.runner import LoadOptions, LoadTest, PublishVia
-from bomstream.loadtest.token import mint_token
+from bomstream.loadtest.run import run_load
+from bomstream.loadtest.token import TokenMint, mint_token
 
 DEFAULT_ORG = "loadtest-org"
 
@@ -53,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway-pid", type=int, metavar="PID", help="sample this process's RSS/CPU")
     p.add_argument("--slow-consumers", type=int, default=0, metavar="N", help="streams that stall")
     p.add_argument("--no-reconnect", action="store_true", help="do not reopen dropped streams")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="client processes to spread the streams over (1: all in this one)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
 
@@ -64,17 +72,13 @@ def options_from(cfg: Config, args: argparse.Namespace) -> LoadOptions:
     if args.rate > 0 and args.duration > 0:
         via = "redis" if redis_url and not args.http_publish else "http"
     org = args.org
-    token_for: Callable[[int], str] | None = None
+    mint: TokenMint | None = None
     publish_token = args.publish_token or cfg.auth.admin_token or None
     if args.mint_token:
         secret, claim, ttl = cfg.auth.jwt_secret, cfg.auth.org_claim, args.token_ttl
         org = org or DEFAULT_ORG
         mint_token(secret, claim, org, subject="loadtest-check", ttl_s=ttl)  # fail early
-        minted_org = org
-
-        def token_for(i: int) -> str:
-            return mint_token(secret, claim, minted_org, subject=f"loadtest-{i}", ttl_s=ttl)
-
+        mint = TokenMint(secret, claim, org, ttl)
         if publish_token is None:
             publish_token = mint_token(
                 secret, claim, org, subject="loadtest-publisher", ttl_s=ttl, role="service_role"
@@ -93,13 +97,14 @@ def options_from(cfg: Config, args: argparse.Namespace) -> LoadOptions:
         redis_url=redis_url,
         channel_prefix=cfg.redis.channel_prefix,
         token=args.token or (None if args.mint_token else cfg.auth.admin_token or None),
-        token_for=token_for,
+        mint=mint,
         publish_token=publish_token,
         org=org,
         gateway_pid=args.gateway_pid,
         reconnect=not args.no_reconnect,
         slow_consumers=args.slow_consumers,
         progress=not args.no_progress,
+        workers=args.workers,
     )
 
 
@@ -109,12 +114,22 @@ def loadtest_command(cfg: Config, args: argparse.Namespace) -> int:
             "bomstream: --connections, --boms and --source-ips must be at least 1", file=sys.stderr
         )
         return 2
+    if not 1 <= args.workers <= args.connections:
+        print("bomstream: --workers must be between 1 and --connections", file=sys.stderr)
+        return 2
     try:
         opts = options_from(cfg, args)
     except ValueError as exc:
         print(f"bomstream: {exc}", file=sys.stderr)
         return 2
-    report = _run(LoadTest(opts))
+    try:
+        report = _run(opts)
+    except WorkerFailed as exc:
+        print(f"bomstream: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bomstream: interrupted; no report", file=sys.stderr)
+        return 130
     print(report.table())
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(report.data, option=orjson.OPT_INDENT_2) + b"\n")
@@ -123,9 +138,9 @@ def loadtest_command(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _run(lt: LoadTest) -> Report:
+def _run(opts: LoadOptions) -> Report:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return asyncio.run(lt.run())
-    return uvloop.run(lt.run())
+        return asyncio.run(run_load(opts))
+    return uvloop.run(run_load(opts))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 # Sub-buckets per power of two: 32 keeps quantiles within ~3% of the truth.
 _SUB_BITS = 5
 _SUB = 1 << _SUB_BITS
@@ -55,6 +57,26 @@ class LogHistogram:
         self.count += other.count
         self.total += other.total
         self.max = max(self.max, other.max)
+
+    def to_json(self) -> dict[str, Any]:
+        """Buckets keyed by their upper bound in µs: readable, and exact to add up."""
+        bound = LogHistogram.upper_bound
+        return {
+            "buckets_us": {str(bound(i)): self.counts[i] for i in sorted(self.counts)},
+            "count": self.count,
+            "total_us": self.total,
+            "max_us": self.max,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LogHistogram:
+        hist = cls()
+        for bound, n in data["buckets_us"].items():
+            hist.counts[LogHistogram.index(int(bound))] = int(n)
+        hist.count = int(data["count"])
+        hist.total = int(data["total_us"])
+        hist.max = int(data["max_us"])
+        return hist
 
     def quantile(self, q: float) -> int:
         """The upper bound of the bucket holding quantile ``q`` (capped at the max)."""

@@ -25,6 +25,9 @@ from bomstream.loadtest.tally import make_event_id
 
 # The longest the pacing loop sleeps; shorter waits keep high rates smooth.
 MAX_TICK_S = 0.01
+# uvloop keeps time in whole milliseconds: a shorter sleep returns at once, and
+# the loop would spin until the clock ticks over.
+MIN_TICK_S = 0.001
 
 
 @dataclass(slots=True)
@@ -234,6 +237,6 @@ async def publish_paced(
             await sender.send(batch, stats)
         if made < total:
             wait = start + made / rate - loop.time()
-            await asyncio.sleep(min(MAX_TICK_S, max(0.0, wait)))
+            await asyncio.sleep(min(MAX_TICK_S, max(MIN_TICK_S, wait)))
     stats.finished_at = time.monotonic()
     return stats

@@ -3,53 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bomstream.loadtest.procstat import ProcSample
+from bomstream.loadtest.options import LoadOptions
 from bomstream.loadtest.publisher import PublishStats
-
-if TYPE_CHECKING:
-    from bomstream.loadtest.runner import LoadTest
+from bomstream.loadtest.records import ClientPart, GatewayUsage, StreamCounts
 
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99_9", 0.999))
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayUsage:
-    pid: int
-    rss_kb_before: int
-    rss_kb_connected: int
-    rss_kb_held: int
-    cpu_s_connect: float
-    cpu_s_publish: float | None
-    rss_kb_after_publish: int | None
-
-    @classmethod
-    def of(
-        cls,
-        pid: int | None,
-        before: ProcSample | None,
-        connected: ProcSample | None,
-        held: ProcSample | None,
-        pub_start: ProcSample | None,
-        pub_end: ProcSample | None,
-    ) -> GatewayUsage | None:
-        if pid is None or before is None or connected is None or held is None:
-            return None
-        cpu_publish = None
-        rss_after = None
-        if pub_start is not None and pub_end is not None and pub_end is not held:
-            cpu_publish = round(pub_end.cpu_s - pub_start.cpu_s, 3)
-            rss_after = pub_end.rss_kb
-        return cls(
-            pid,
-            before.rss_kb,
-            connected.rss_kb,
-            held.rss_kb,
-            round(connected.cpu_s - before.cpu_s, 3),
-            cpu_publish,
-            rss_after,
-        )
+# A client process busier than this may be measuring its own queueing.
+CPU_SHARE_WARN = 0.85
 
 
 @dataclass(slots=True)
@@ -59,45 +21,34 @@ class Report:
     @classmethod
     def build(
         cls,
-        lt: LoadTest,
-        published: list[int],
+        opts: LoadOptions,
+        run_id: str,
+        counts: StreamCounts,
         publish: PublishStats | None,
+        parts: list[ClientPart],
         *,
-        connect_s: float,
         drain_s: float,
-        client_cpu_s: float,
         gateway: GatewayUsage | None,
     ) -> Report:
-        opts = lt.opts
-        slow = opts.slow_consumers
-        accounted = [i for i in range(opts.connections) if lt.ever_open[i] and i >= slow]
-        expected = lost = received = dups = ooo = with_loss = 0
-        for i in accounted:
-            t = lt.tallies[i]
-            want = published[i % opts.boms]
-            expected += want
-            missing = t.lost(want)
-            lost += missing
-            with_loss += missing > 0
-            received += t.received
-            dups += t.duplicates
-            ooo += t.out_of_order
-        hist = lt.latency
+        c = counts
+        client_cpu_s = sum(part.usage.cpu_s for part in parts)
+        received = c.received
+        hist = c.latency
         elapsed = (publish.elapsed + drain_s) if publish is not None else 0.0
         data: dict[str, Any] = {
-            "run": lt.run_id,
+            "run": run_id,
             "url": opts.url,
             "connections": {
                 "target": opts.connections,
-                "established": lt.established,
-                "failed": dict(lt.failed),
-                "time_to_connect_s": round(connect_s, 3),
+                "established": c.established,
+                "failed": dict(c.failed),
+                "time_to_connect_s": round(c.connect_s, 3),
                 "connect_rate_target": opts.connect_rate,
-                "source_ips": len(lt.sources),
-                "reconnects": lt.reconnects,
-                "stream_end_reasons": dict(lt.end_reasons),
-                "slow_consumers": slow,
-                "slow_consumers_cut": sum(lt.cut[:slow]),
+                "source_ips": max(1, opts.source_ips),
+                "reconnects": c.reconnects,
+                "stream_end_reasons": dict(c.end_reasons),
+                "slow_consumers": c.slow_consumers,
+                "slow_consumers_cut": c.slow_consumers_cut,
             },
             "boms": opts.boms,
             "publish": {
@@ -109,14 +60,14 @@ class Report:
                 "achieved_rate": round(publish.achieved_rate, 1) if publish else 0.0,
             },
             "deliveries": {
-                "expected": expected,
+                "expected": c.expected,
                 "received": received,
-                "lost": lost,
-                "duplicates": dups,
-                "out_of_order": ooo,
-                "streams_with_loss": with_loss,
-                "misrouted": lt.misrouted,
-                "foreign": lt.foreign,
+                "lost": c.lost,
+                "duplicates": c.duplicates,
+                "out_of_order": c.out_of_order,
+                "streams_with_loss": c.streams_with_loss,
+                "misrouted": c.misrouted,
+                "foreign": c.foreign,
                 "per_s": round(received / elapsed, 1) if elapsed > 0 else 0.0,
                 "drain_s": round(drain_s, 3),
             },
@@ -126,9 +77,12 @@ class Report:
                 "mean": round(hist.mean / 1000, 3),
                 "samples": hist.count,
             },
-            "bytes_received": lt.bytes,
-            "keepalives": lt.keepalives,
+            "latency_us_histogram": hist.to_json(),
+            "bytes_received": c.bytes,
+            "keepalives": c.keepalives,
             "client_cpu_s_publish": round(client_cpu_s, 3),
+            "client_processes": [_part_json(part) for part in parts],
+            "client_cpu_warning": _cpu_warning(parts),
         }
         if gateway is not None:
             g: dict[str, Any] = {
@@ -140,9 +94,9 @@ class Report:
                 "cpu_s_publish": gateway.cpu_s_publish,
                 "rss_kb_after_publish": gateway.rss_kb_after_publish,
             }
-            if lt.established:
+            if c.established:
                 grown = gateway.rss_kb_held - gateway.rss_kb_before
-                g["rss_kb_per_stream"] = round(grown / lt.established, 2)
+                g["rss_kb_per_stream"] = round(grown / c.established, 2)
             if gateway.cpu_s_publish is not None and received:
                 g["cpu_s_per_100k_deliveries"] = round(
                     gateway.cpu_s_publish * 100_000 / received, 3
@@ -178,6 +132,7 @@ class Report:
             ("bytes received", f"{d['bytes_received']:,}"),
             ("client CPU (publish)", f"{d['client_cpu_s_publish']:.2f} s"),
         ]
+        rows += [(f"client pid {pr['pid']}", _part_row(pr)) for pr in d["client_processes"]]
         if c["slow_consumers"]:
             rows.append(("slow consumers cut", f"{c['slow_consumers_cut']}/{c['slow_consumers']}"))
         if "gateway" in d:
@@ -199,4 +154,44 @@ class Report:
                     )
                 )
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)
+        lines = [f"{k:<{width}}  {val}" for k, val in rows]
+        if d["client_cpu_warning"]:
+            lines.append(f"warning: {d['client_cpu_warning']}")
+        return "\n".join(lines)
+
+
+def _part_json(part: ClientPart) -> dict[str, Any]:
+    u = part.usage
+    share = u.cpu_share
+    out: dict[str, Any] = {
+        "pid": u.pid,
+        "role": u.role,
+        "streams": part.counts.streams if part.counts is not None else 0,
+        "cpu_s": round(u.cpu_s, 3),
+        "wall_s": round(u.wall_s, 3),
+        "cpu_share": round(share, 3) if share is not None else None,
+    }
+    if part.counts is not None:
+        # The clock fields only matter for merging; the rest adds up to the totals.
+        out["counts"] = {k: v for k, v in part.counts.to_json().items() if not k.endswith("_at")}
+    return out
+
+
+def _part_row(pr: dict[str, Any]) -> str:
+    share = pr["cpu_share"]
+    used = f"{share:.0%} of a core" if share is not None else "not measured"
+    return (
+        f"{pr['role']}, {pr['streams']} streams: CPU share {used}"
+        f" ({pr['cpu_s']:.2f} CPU-s in {pr['wall_s']:.2f} s)"
+    )
+
+
+def _cpu_warning(parts: list[ClientPart]) -> str | None:
+    busy = [p.usage for p in parts if (p.usage.cpu_share or 0.0) > CPU_SHARE_WARN]
+    if not busy:
+        return None
+    named = ", ".join(f"pid {u.pid} at {u.cpu_share or 0.0:.0%}" for u in busy)
+    return (
+        f"client process CPU share above {CPU_SHARE_WARN:.0%} ({named}): the load client"
+        " may be limiting this run; try more --workers"
+    )

@@ -1,4 +1,11 @@
-"""One load-test run: connect, hold, publish, drain, close, report."""
+"""The streams of one client process: connect them, count what they receive,
+drain, close.
+
+With several client processes each drives one shard: every ``count``-th
+stream, starting at ``index``. A stream keeps its number, and with it the BOM
+it watches, its source address, its token and its place in the connect
+schedule, so N processes open and watch exactly what one process would.
+"""
 
 from __future__ import annotations
 
@@ -7,62 +14,27 @@ import contextlib
 import errno
 import random
 import resource
-import secrets
 import socket
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from bomstream.loadtest import procstat
 from bomstream.loadtest.histogram import LogHistogram
-from bomstream.loadtest.publisher import (
-    EventFactory,
-    HttpSender,
-    PublishStats,
-    RedisSender,
-    Sender,
-    publish_paced,
-)
-from bomstream.loadtest.report import GatewayUsage, Report
+from bomstream.loadtest.options import LoadOptions, bom_ids, new_run_id
+from bomstream.loadtest.records import ClientPart, CpuClock, Snapshot, StreamCounts
 from bomstream.loadtest.sseclient import SSEConnection, build_request
 from bomstream.loadtest.tally import StreamTally
 
-PublishVia = Literal["redis", "http", "none"]
-# In-flight connection attempts at once; the kernel's accept backlog is the limit.
+T = TypeVar("T")
+# In-flight connection attempts at once, shared by all client processes; the
+# kernel's accept backlog is the limit.
 MAX_CONNECTING = 512
 RECONNECT_DELAY_S = (0.5, 1.5)
 # Linux's IP_BIND_ADDRESS_NO_PORT (not exported by every Python build).
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadOptions:
-    url: str
-    connections: int
-    boms: int
-    connect_rate: float = 2000.0
-    source_ips: int = 1
-    rate: float = 0.0
-    duration: float = 0.0
-    hold_s: float = 0.0
-    drain_s: float = 5.0
-    connect_timeout_s: float = 10.0
-    publish_via: PublishVia = "none"
-    redis_url: str = ""
-    channel_prefix: str = "enrichment:"
-    token: str | None = None
-    token_for: Callable[[int], str] | None = None
-    publish_token: str | None = None
-    org: str | None = None
-    bom_prefix: str = "lt"
-    gateway_pid: int | None = None
-    reconnect: bool = True
-    slow_consumers: int = 0
-    progress: bool = True
 
 
 def raise_open_files_limit() -> int:
@@ -75,19 +47,38 @@ def raise_open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-class LoadTest:
-    """Drives every stream of a run and is the :class:`Sink` they report to."""
+@dataclass(frozen=True, slots=True)
+class Shard:
+    index: int = 0
+    count: int = 1
 
-    def __init__(self, opts: LoadOptions) -> None:
+
+class LoadTest:
+    """Drives one shard's streams and is the :class:`Sink` they report to.
+
+    Streams are held by local position; ``numbers[j]`` is stream ``j``'s
+    number in the whole run. The slow consumers are the lowest numbers, so
+    here they are the first ``slow`` positions.
+    """
+
+    def __init__(
+        self,
+        opts: LoadOptions,
+        run_id: str | None = None,
+        shard: Shard = Shard(),
+        role: str = "streams+publisher",
+    ) -> None:
         self.opts = opts
-        parts = urlsplit(opts.url)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 80
-        self.base_path = parts.path.rstrip("/")
-        self.address = self.host
-        self.run_id = secrets.token_hex(4)
-        self.bom_ids = [f"{opts.bom_prefix}{self.run_id}-{b}" for b in range(opts.boms)]
+        host, port, base_path = _split_url(opts.url)
+        self.host, self.port, self.base_path = host, port, base_path
+        self.address = host
+        self.run_id = run_id or new_run_id()
+        self.bom_ids = bom_ids(opts, self.run_id)
         self.sources = [f"127.0.0.{k}" for k in range(1, max(1, opts.source_ips) + 1)]
+        self.numbers = range(shard.index, opts.connections, shard.count)
+        self.slow = len(range(shard.index, min(opts.slow_consumers, opts.connections), shard.count))
+        self._max_connecting = max(1, MAX_CONNECTING // shard.count)
+        self.clock = CpuClock(role)
         # Sink counters, updated by the streams.
         self.latency = LogHistogram()
         self.delivered = 0
@@ -95,8 +86,8 @@ class LoadTest:
         self.misrouted = 0
         self.bytes = 0
         self.keepalives = 0
-        # Per-stream state, indexed by stream number.
-        n = opts.connections
+        # Per-stream state, indexed by local position.
+        n = len(self.numbers)
         self.tallies = [StreamTally() for _ in range(n)]
         self.conns: list[SSEConnection | None] = [None] * n
         self.ever_open = [False] * n
@@ -112,22 +103,21 @@ class LoadTest:
         self.last_open_at = 0.0
         self.closing = False
         self._all_settled = asyncio.Event()
+        if n == 0:
+            self._all_settled.set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._phase = "connect"
-        self._publish: PublishStats | None = None
-        self._started = time.monotonic()
 
     # -- Sink ----------------------------------------------------------------
 
     def opened(self, conn: SSEConnection) -> None:
-        i = conn.index
+        j = conn.index
         self.open_now += 1
-        if not self.ever_open[i]:
-            self.ever_open[i] = True
+        if not self.ever_open[j]:
+            self.ever_open[j] = True
             self.established += 1
             self.last_open_at = time.monotonic()
-            self._settle(i)
-        if i < self.opts.slow_consumers and conn.transport is not None:
+            self._settle(j)
+        if j < self.slow and conn.transport is not None:
             # A consumer that stops reading: the gateway must cut it, not buffer for it.
             conn.transport.pause_reading()
 
@@ -139,31 +129,31 @@ class LoadTest:
         self.end_reasons[reason] += 1
 
     def lost(self, conn: SSEConnection, exc: BaseException | None) -> None:
-        i = conn.index
+        j = conn.index
         if conn.status == 200:
             self.open_now -= 1
         elif conn.status == 0:
             self.failed["closed before response"] += 1
-            self._settle(i)
-        if self.closing or self.conns[i] is not conn:
+            self._settle(j)
+        if self.closing or self.conns[j] is not conn:
             return
-        self.conns[i] = None
+        self.conns[j] = None
         if conn.status != 200:
             return
-        if i < self.opts.slow_consumers:
-            self.cut[i] = True
+        if j < self.slow:
+            self.cut[j] = True
             return
         if self.opts.reconnect:
             self.reconnects += 1
-            self._spawn(self._reconnect(i, conn.last_event_id))
+            self._spawn(self._reconnect(j, conn.last_event_id))
 
     # -- connecting ----------------------------------------------------------
 
-    def _settle(self, i: int) -> None:
-        if not self.settled[i]:
-            self.settled[i] = True
+    def _settle(self, j: int) -> None:
+        if not self.settled[j]:
+            self.settled[j] = True
             self.settled_count += 1
-            if self.settled_count >= self.opts.connections:
+            if self.settled_count >= len(self.numbers):
                 self._all_settled.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -171,19 +161,19 @@ class LoadTest:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _request(self, i: int, last_event_id: bytes | None) -> bytes:
+    def _request(self, number: int, last_event_id: bytes | None) -> bytes:
         opts = self.opts
-        token = opts.token_for(i) if opts.token_for is not None else opts.token
-        path = f"{self.base_path}/api/enrichment/stream/{self.bom_ids[i % opts.boms]}"
-        return build_request(self.host, self.port, path, token, last_event_id)
+        path = f"{self.base_path}/api/enrichment/stream/{self.bom_ids[number % opts.boms]}"
+        return build_request(self.host, self.port, path, opts.token_for(number), last_event_id)
 
-    async def _connect(self, i: int, last_event_id: bytes | None = None) -> None:
+    async def _connect(self, j: int, last_event_id: bytes | None = None) -> None:
         loop = asyncio.get_running_loop()
-        bom = i % self.opts.boms
-        conn = SSEConnection(self, i, bom, self._request(i, last_event_id), self.tallies[i])
+        number = self.numbers[j]
+        bom = number % self.opts.boms
+        conn = SSEConnection(self, j, bom, self._request(number, last_event_id), self.tallies[j])
         conn.last_event_id = last_event_id
-        self.conns[i] = conn
-        source = self.sources[i % len(self.sources)]
+        self.conns[j] = conn
+        source = self.sources[number % len(self.sources)]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -198,136 +188,140 @@ class LoadTest:
                 await loop.create_connection(lambda: conn, sock=sock)
         except TimeoutError:
             sock.close()
-            self._connect_failed(i, conn, "connect timeout")
+            self._connect_failed(j, conn, "connect timeout")
         except OSError as exc:
             sock.close()
             name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-            self._connect_failed(i, conn, f"connect {name}")
+            self._connect_failed(j, conn, f"connect {name}")
 
-    def _connect_failed(self, i: int, conn: SSEConnection, what: str) -> None:
-        if self.conns[i] is conn:
-            self.conns[i] = None
+    def _connect_failed(self, j: int, conn: SSEConnection, what: str) -> None:
+        if self.conns[j] is conn:
+            self.conns[j] = None
         self.failed[what] += 1
-        self._settle(i)
+        self._settle(j)
 
-    async def _reconnect(self, i: int, last_event_id: bytes | None) -> None:
+    async def _reconnect(self, j: int, last_event_id: bytes | None) -> None:
         await asyncio.sleep(random.uniform(*RECONNECT_DELAY_S))
         if not self.closing:
-            await self._connect(i, last_event_id)
+            await self._connect(j, last_event_id)
 
-    async def _connect_all(self) -> None:
-        opts = self.opts
-        gate = asyncio.Semaphore(MAX_CONNECTING)
+    async def _connect_all(self, start: float) -> None:
+        rate = self.opts.connect_rate
+        gate = asyncio.Semaphore(self._max_connecting)
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        self.first_attempt_at = time.monotonic()
+        self.first_attempt_at = start
+        # Paced on the loop's clock: uvloop's advances once per iteration, in
+        # whole milliseconds, so the streams due in one tick go out together
+        # instead of each sleeping a fraction of a millisecond (a whole tick).
+        loop_start = loop.time() + (start - time.monotonic())
 
-        async def one(i: int) -> None:
+        async def one(j: int) -> None:
             try:
-                await self._connect(i)
+                await self._connect(j)
             finally:
                 gate.release()
 
-        for i in range(opts.connections):
-            if opts.connect_rate > 0:
-                wait = start + i / opts.connect_rate - loop.time()
+        for j, number in enumerate(self.numbers):
+            if rate > 0:
+                wait = loop_start + number / rate - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
             await gate.acquire()
-            self._spawn(one(i))
+            self._spawn(one(j))
         await self._all_settled.wait()
 
-    # -- the run -------------------------------------------------------------
+    # -- the phases ----------------------------------------------------------
 
-    async def run(self) -> Report:
+    async def connect(self, start: float | None = None) -> None:
+        """Open this shard's streams, stream ``n`` at ``start + n / connect_rate``
+        (``start`` on the monotonic clock, which every process on the host shares)."""
         opts = self.opts
         raise_open_files_limit()
         infos = await asyncio.get_running_loop().getaddrinfo(
             self.host, self.port, family=socket.AF_INET, type=socket.SOCK_STREAM
         )
         self.address = str(infos[0][4][0])
-        progress = asyncio.create_task(self._progress()) if opts.progress else None
-        pid = opts.gateway_pid
-        before = procstat.sample(pid) if pid else None
-        connect_window = opts.connect_timeout_s + opts.connections / max(opts.connect_rate, 1)
+        now = time.monotonic()
+        start = now if start is None else start
+        window = opts.connect_timeout_s + opts.connections / max(opts.connect_rate, 1)
         try:
-            await asyncio.wait_for(self._connect_all(), connect_window + 30)
+            await asyncio.wait_for(self._connect_all(start), window + 30 + max(0.0, start - now))
         except TimeoutError:
-            self.failed["never settled"] += opts.connections - self.settled_count
-        connect_s = max(0.0, self.last_open_at - self.first_attempt_at)
-        connected = procstat.sample(pid) if pid else None
-        if opts.hold_s > 0:
-            self._phase = "hold"
-            await asyncio.sleep(opts.hold_s)
-        held = procstat.sample(pid) if pid else None
-        factory = EventFactory(self.run_id, self.bom_ids, opts.org)
-        publish: PublishStats | None = None
-        pub_start = pub_end = held
-        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-        drain_s = 0.0
-        if opts.rate > 0 and opts.duration > 0 and opts.publish_via != "none":
-            self._phase = "publish"
-            sender = self._sender()
-            pub_start = procstat.sample(pid) if pid else None
-            try:
-                self._publish = publish = PublishStats(opts.rate)
-                await publish_paced(sender, factory, publish, opts.duration)
-            finally:
-                await sender.close()
-            self._phase = "drain"
-            drain_s = await self._drain(factory.published, publish.finished_at)
-            pub_end = procstat.sample(pid) if pid else None
-        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-        self._phase = "close"
-        await self._close_all()
-        if progress is not None:
-            progress.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await progress
-            if sys.stderr.isatty():
-                sys.stderr.write("\n")
-        usage = GatewayUsage.of(pid, before, connected, held, pub_start, pub_end)
-        return Report.build(
-            self,
-            factory.published,
-            publish,
-            connect_s=connect_s,
-            drain_s=drain_s,
-            client_cpu_s=(cpu_after.ru_utime + cpu_after.ru_stime)
-            - (cpu_before.ru_utime + cpu_before.ru_stime),
-            gateway=usage,
-        )
+            self.failed["never settled"] += len(self.numbers) - self.settled_count
 
-    def _sender(self) -> Sender:
-        opts = self.opts
-        if opts.publish_via == "redis":
-            return RedisSender(opts.redis_url, opts.channel_prefix)
-        return HttpSender(opts.url, opts.publish_token)
+    def begin_measure(self) -> None:
+        self.clock.start()
 
-    def expected_total(self, published: list[int]) -> int:
-        boms = self.opts.boms
-        slow = self.opts.slow_consumers
-        return sum(
-            published[i % boms]
-            for i in range(self.opts.connections)
-            if self.ever_open[i] and i >= slow
-        )
-
-    async def _drain(self, published: list[int], finished_at: float) -> float:
-        """Wait until every expected delivery arrived, or ``drain_s`` passed."""
+    async def drain(self, published: list[int], deadline: float) -> None:
+        """Wait until every expected delivery arrived, or until ``deadline``."""
         expected = self.expected_total(published)
-        deadline = finished_at + self.opts.drain_s
         while time.monotonic() < deadline:
             if self.accounted_delivered() >= expected:
                 break
             await asyncio.sleep(0.01)
-        return time.monotonic() - finished_at
+        self.clock.stop()
+
+    async def close(self, published: list[int]) -> list[ClientPart]:
+        await self._close_all()
+        return [ClientPart(self.clock.stop(), self.counts(published))]
+
+    async def guard(self, aw: Awaitable[T]) -> T:
+        """Nothing else can fail underneath this process's own awaits."""
+        return await aw
+
+    def snapshot(self) -> Snapshot:
+        failed = sum(self.failed.values())
+        return Snapshot(self.open_now, failed, self.reconnects, self.delivered, self.latency)
+
+    # -- accounting ----------------------------------------------------------
+
+    def _accounted(self) -> range:
+        """Local positions counted for loss and latency: all but the slow consumers."""
+        return range(self.slow, len(self.numbers))
+
+    def expected_total(self, published: list[int]) -> int:
+        boms = self.opts.boms
+        return sum(
+            published[self.numbers[j] % boms] for j in self._accounted() if self.ever_open[j]
+        )
 
     def accounted_delivered(self) -> int:
-        slow = self.opts.slow_consumers
-        if not slow:
+        if not self.slow:
             return self.delivered
-        return self.delivered - sum(t.received for t in self.tallies[:slow])
+        return self.delivered - sum(t.received for t in self.tallies[: self.slow])
+
+    def counts(self, published: list[int]) -> StreamCounts:
+        """What the streams counted, against ``published`` events per BOM."""
+        c = StreamCounts(
+            streams=len(self.numbers),
+            established=self.established,
+            reconnects=self.reconnects,
+            slow_consumers=self.slow,
+            slow_consumers_cut=sum(self.cut[: self.slow]),
+            misrouted=self.misrouted,
+            foreign=self.foreign,
+            bytes=self.bytes,
+            keepalives=self.keepalives,
+            failed=Counter(self.failed),
+            end_reasons=Counter(self.end_reasons),
+            latency=self.latency,
+            first_attempt_at=self.first_attempt_at,
+            last_open_at=self.last_open_at,
+        )
+        boms = self.opts.boms
+        for j in self._accounted():
+            if not self.ever_open[j]:
+                continue
+            t = self.tallies[j]
+            want = published[self.numbers[j] % boms]
+            missing = t.lost(want)
+            c.expected += want
+            c.lost += missing
+            c.streams_with_loss += missing > 0
+            c.received += t.received
+            c.duplicates += t.duplicates
+            c.out_of_order += t.out_of_order
+        return c
 
     async def _close_all(self) -> None:
         self.closing = True
@@ -345,35 +339,7 @@ class LoadTest:
                 break
             await asyncio.sleep(0.02)
 
-    async def _progress(self) -> None:
-        tty = sys.stderr.isatty()
-        last_delivered = 0
-        last_t = time.monotonic()
-        last_counts: dict[int, int] = {}
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            rate = (self.delivered - last_delivered) / max(1e-9, now - last_t)
-            last_delivered, last_t = self.delivered, now
-            # The last second's p99 shows when a spike happened, not just that it did.
-            counts = dict(self.latency.counts)
-            recent = LogHistogram()
-            for i, n in counts.items():
-                if n > last_counts.get(i, 0):
-                    recent.counts[i] = n - last_counts.get(i, 0)
-                    recent.count += recent.counts[i]
-            recent.max = LogHistogram.upper_bound(max(recent.counts, default=0))
-            last_counts = counts
-            sent = self._publish.sent if self._publish is not None else 0
-            line = (
-                f"[{now - self._started:6.1f}s {self._phase:>7}] "
-                f"open {self.open_now}/{self.opts.connections} "
-                f"failed {sum(self.failed.values())} reconnects {self.reconnects} | "
-                f"delivered {self.delivered} ({rate:,.0f}/s) | "
-                f"p99 {self.latency.quantile(0.99) / 1000:.1f} ms"
-                f" (last 1 s: {recent.quantile(0.99) / 1000:.1f} ms)"
-            )
-            if sent:
-                line += f" | published {sent}"
-            sys.stderr.write(("\r" + line + "\x1b[K") if tty else line + "\n")
-            sys.stderr.flush()
+
+def _split_url(url: str) -> tuple[str, int, str]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80, parts.path.rstrip("/")

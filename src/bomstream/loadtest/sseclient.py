@@ -20,7 +20,7 @@ _HEADERS, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _RAW, _DONE = range(6)
 
 
 class Sink(Protocol):
-    """What a stream reports to; one sink is shared by every stream of a run."""
+    """What a stream reports to; one sink is shared by every stream of a client process."""
 
     run_id: str
     latency: LogHistogram

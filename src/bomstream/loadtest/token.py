@@ -7,6 +7,7 @@ gateway reads it, so a minted token is what a real caller would present.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -35,3 +36,18 @@ def mint_token(
     if not secret:
         raise ValueError("auth.jwt_secret is not configured; cannot mint a token")
     return jwt.encode(claims_for(org, org_claim, subject, ttl_s, **extra), secret, "HS256")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenMint:
+    """How to sign one JWT per stream; plain data, so a worker process can do it too."""
+
+    secret: str
+    org_claim: str
+    org: str
+    ttl_s: float
+
+    def for_stream(self, number: int) -> str:
+        return mint_token(
+            self.secret, self.org_claim, self.org, subject=f"loadtest-{number}", ttl_s=self.ttl_s
+        )

@@ -1,0 +1,42 @@
+"""The history backend interface.
+
+A backend returns a BOM's most recent events as the JSON bytes a worker would
+PUBLISH; :mod:`bomstream.history.recall` validates them with the same
+``parse_event`` as every live event, so a bad row can never reach a client.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from bomstream.events import Event
+
+
+class HistoryError(Exception):
+    """The history server could not answer (down, timed out, refused)."""
+
+
+class HistoryBackend(Protocol):
+    @property
+    def name(self) -> str:
+        """``redis`` or ``postgres``."""
+        ...
+
+    async def read(self, bom_id: str, limit: int) -> list[bytes]:
+        """The BOM's latest ``limit`` events, oldest first. Raises :class:`HistoryError`."""
+        ...
+
+    def record(self, event: Event) -> None:
+        """Store an event this instance received from the feed; never blocks.
+        A backend that only reads (postgres) ignores it."""
+        ...
+
+    async def ping(self) -> None:
+        """Raises :class:`HistoryError` when the history server does not answer."""
+        ...
+
+    async def run(self) -> None:
+        """The owner task of the backend's connections; runs until cancelled."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,58 @@
+"""The Lua that keeps a BOM's history in a Redis Stream.
+
+Each BOM has a stream (``<key_prefix><bom_id>``: entries ``i`` = event_id,
+``d`` = the event's JSON) and a hash beside it (``...:ids``: event_id ->
+entry id) that makes "already stored?" one lookup. Both are capped at the
+buffer size and expire ``retention_s`` after the last event. A script runs
+atomically, so an event is stored at most once however many instances try,
+and with ``PUBLISH`` inside the same script, history and the live channel
+never disagree.
+
+KEYS[1] stream, KEYS[2] ids hash; ARGV[1] event_id, ARGV[2] JSON,
+ARGV[3] cap, ARGV[4] ttl in ms, ARGV[5] channel (publish only).
+"""
+
+from __future__ import annotations
+
+_APPEND_BODY = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return ''
+end
+local entry = redis.call('XADD', KEYS[1], '*', 'i', ARGV[1], 'd', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+local cap = tonumber(ARGV[3])
+local excess = redis.call('XLEN', KEYS[1]) - cap
+if excess > 0 then
+  for _, old in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)) do
+    redis.call('HDEL', KEYS[2], old[2][2])
+  end
+  redis.call('XTRIM', KEYS[1], 'MAXLEN', cap)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return entry
+"""
+
+# Returns the new entry id, or '' when the event_id was stored already.
+APPEND = "local function append()" + _APPEND_BODY + "end\nreturn append()\n"
+
+# Returns {entry id or '', subscribers reached}; a repeat is not published again.
+APPEND_AND_PUBLISH = (
+    "local function append()"
+    + _APPEND_BODY
+    + "end\n"
+    + """local entry = append()
+if entry == '' then
+  return {'', 0}
+end
+return {entry, redis.call('PUBLISH', ARGV[5], ARGV[2])}
+"""
+)
+
+
+def stream_key(key_prefix: str, bom_id: str) -> str:
+    return key_prefix + bom_id
+
+
+def ids_key(key_prefix: str, bom_id: str) -> str:
+    return key_prefix + bom_id + ":ids"

@@ -1,0 +1,147 @@
+"""History in Redis Streams: one capped, expiring stream per BOM.
+
+Reads are ``XREVRANGE`` of the newest entries. Events that workers PUBLISH
+straight to the channel are stored by the instances that receive them: the
+feed hands each accepted event to :meth:`RedisStreamHistory.record`, and one
+writer task appends them, in the order received, with the append script,
+which stores an event_id once however many instances offer it.
+
+Why that keeps publication order: Redis delivers a channel's messages to
+every subscriber in publication order, and each instance appends in the
+order it received, over one connection, waiting for each batch before the
+next. So when any instance first appends an event B, it has already
+appended (or found stored) every event published before B; no instance can
+store B ahead of them.
+
+The connection is its own, never the subscription's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bomstream.config import Config
+from bomstream.eventloop import raise_if_cancelled
+from bomstream.events import Event
+from bomstream.history.backend import HistoryError
+from bomstream.history.redis_scripts import APPEND, ids_key, stream_key
+from bomstream.logs import FIELDS
+from bomstream.metrics import Metrics
+
+log = logging.getLogger("bomstream.history")
+
+# Appends waiting for Redis while it is away; beyond this new ones are given
+# up (live delivery is unaffected, and every other instance offers the same
+# events).
+MAX_QUEUED = 100_000
+BATCH = 500
+RETRY_S = 0.5
+
+
+class RedisStreamHistory:
+    def __init__(self, cfg: Config, metrics: Metrics) -> None:
+        self._prefix = cfg.history.key_prefix
+        self._cap = cfg.buffer.events_per_bom
+        self._ttl_ms = int(cfg.buffer.retention_s * 1000)
+        self._timeout = cfg.history.timeout_s
+        self._metrics = metrics
+        self._client = aioredis.Redis.from_url(
+            cfg.redis.url,
+            socket_connect_timeout=cfg.history.timeout_s,
+            socket_timeout=cfg.history.timeout_s,
+            # Reads and store-once appends are safe to retry on a fresh connection.
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            retry=Retry(ConstantBackoff(0.05), retries=1),
+        )
+        self._append = self._client.register_script(APPEND)
+        self._queue: deque[Event] = deque()
+        self._wake = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return "redis"
+
+    async def read(self, bom_id: str, limit: int) -> list[bytes]:
+        try:
+            entries = await self._client.xrevrange(
+                stream_key(self._prefix, bom_id), "+", "-", count=limit
+            )
+        except (RedisError, OSError) as exc:
+            raise HistoryError(f"redis: {type(exc).__name__}") from None
+        out: list[bytes] = []
+        for _entry, fields in reversed(entries or []):
+            data = fields.get(b"d") if fields else None
+            if isinstance(data, bytes):
+                out.append(data)
+        return out
+
+    def record(self, event: Event) -> None:
+        if len(self._queue) >= MAX_QUEUED:
+            self._metrics.history_writes.labels("dropped").inc()
+            return
+        self._queue.append(event)
+        self._wake.set()
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise HistoryError(f"redis: {type(exc).__name__}") from None
+
+    async def run(self) -> None:
+        """The writer: appends recorded events in order, a pipelined batch at a time."""
+        failing = False
+        while True:
+            raise_if_cancelled()
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+            try:
+                results = await self._write(batch)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not failing:
+                    log.warning(
+                        "history writes failing: %s; retrying",
+                        type(exc).__name__,
+                        extra={FIELDS: {"queued": len(self._queue)}},
+                    )
+                failing = True
+                await asyncio.sleep(RETRY_S)
+                continue
+            if failing:
+                log.info("history writes resumed")
+                failing = False
+            for _ in batch:
+                self._queue.popleft()
+            stored = sum(1 for r in results if r)
+            self._metrics.history_writes.labels("stored").inc(stored)
+            self._metrics.history_writes.labels("duplicate").inc(len(results) - stored)
+
+    async def _write(self, batch: list[Event]) -> list[bytes]:
+        # The pipeline as a context: cancelled half way (shutdown), it still
+        # gives its connection back to the pool.
+        async with (
+            asyncio.timeout(self._timeout),
+            self._client.pipeline(transaction=False) as pipe,
+        ):
+            for ev in batch:
+                await self._append(
+                    keys=[stream_key(self._prefix, ev.bom_id), ids_key(self._prefix, ev.bom_id)],
+                    args=[ev.event_id, ev.data, self._cap, self._ttl_ms],
+                    client=pipe,
+                )
+            results: list[bytes] = await pipe.execute()
+            return results
+
+    async def close(self) -> None:
+        await self._client.aclose()
