@@ -9,6 +9,7 @@ since other work may share this machine.
 
     python bench/run.py                      # everything, 3 repeats
     python bench/run.py --only fanout --repeat 1
+    python bench/run.py --only fanout --label 100 --label 600 --only ramp
     python bench/run.py --readme             # also rewrite the README table
     python bench/run.py --only fanout --client-workers 2 --client-cpus 1-3
 """
@@ -16,6 +17,7 @@ since other work may share this machine.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime as dt
 import json
@@ -64,6 +66,11 @@ SLOW = [
     (f"{rate}+10slow", ["--connections", "10000", "--boms", str(BOMS), "--rate", str(rate), "--duration", "10", "--hold", "1", "--slow-consumers", "10"])
     for rate in (600, 1000)
 ]  # fmt: skip
+# Connects as fast as a crowd reconnecting after a restart: event-loop lag
+# (bomstream_loop_lag_seconds) while 15k streams arrive at 5,000/s.
+RAMP_RATE = 5000
+RAMP_STREAMS = 15000
+RAMP = [(RAMP_STREAMS, ["--connections", str(RAMP_STREAMS), "--boms", str(BOMS), "--hold", "4"])]
 LATENCY = [(100, ["--connections", "1000", "--boms", str(BOMS), "--rate", "100", "--duration", "10", "--hold", "1"])]  # fmt: skip
 
 
@@ -172,13 +179,18 @@ class Gateway:
 
 
 def loadtest(
-    gw: Gateway, config: Path, auth: list[str], args: list[str], cpus: str = LOAD_CORE
+    gw: Gateway,
+    config: Path,
+    auth: list[str],
+    args: list[str],
+    cpus: str = LOAD_CORE,
+    connect_rate: int = CONNECT_RATE,
 ) -> dict[str, Any]:
     out = Path(tempfile.mkstemp(prefix="bomstream-bench-", suffix=".json")[1])
     cmd = [
         "taskset", "-c", cpus, sys.executable, "-m", "bomstream", "loadtest",
         "--config", str(config), "--url", gw.url, "--gateway-pid", str(gw.proc.pid),
-        "--source-ips", str(SOURCE_IPS), "--connect-rate", str(CONNECT_RATE),
+        "--source-ips", str(SOURCE_IPS), "--connect-rate", str(connect_rate),
         "--json", str(out), "--no-progress", *auth, *args,
     ]  # fmt: skip
     proc = subprocess.run(
@@ -189,6 +201,45 @@ def loadtest(
     report: dict[str, Any] = json.loads(out.read_text())
     out.unlink()
     return report
+
+
+def lag_buckets(gw: Gateway) -> dict[float, float] | None:
+    """Cumulative bucket counts of bomstream_loop_lag_seconds (None: no such metric)."""
+    with urllib.request.urlopen(f"{gw.url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("bomstream_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out or None
+
+
+def open_streams(gw: Gateway) -> int:
+    """Streams the gateway holds; 0 while it is too busy accepting to answer."""
+    try:
+        with urllib.request.urlopen(f"{gw.url}/api/enrichment/health", timeout=5) as resp:
+            return int(json.loads(resp.read())["streams"])
+    except OSError:
+        return 0
+
+
+def lag_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The q-quantile of the samples between two scrapes, interpolated in its bucket."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return 0.0
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, cum in zip(bounds, counts, strict=True):
+        if cum >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(cum - below, 1e-9)
+        lower, below = bound, cum
+    return lower
 
 
 def pick_auth(redis_url: str) -> tuple[str, list[str]]:
@@ -207,6 +258,26 @@ def pick_auth(redis_url: str) -> tuple[str, list[str]]:
     return "admin", ["--token", ADMIN_TOKEN, "--org", ORG]
 
 
+def ramp(gw: Gateway, config: Path, auth: list[str], args: list[str], cpus: str) -> dict[str, Any]:
+    """A loadtest at RAMP_RATE connects/s, with the loop lag sampled from before
+    the first connect until every stream is open (not while they all close)."""
+    before = lag_buckets(gw)
+    after = None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(loadtest, gw, config, auth, args, cpus, RAMP_RATE)
+        while not running.done():
+            if open_streams(gw) >= RAMP_STREAMS:
+                after = lag_buckets(gw)
+                break
+            time.sleep(0.1)
+        report = running.result()
+    if before is not None and after is not None:
+        report["lag_p50_ms"] = round(1000 * lag_quantile(before, after, 0.5), 1)
+        report["lag_p99_ms"] = round(1000 * lag_quantile(before, after, 0.99), 1)
+        report["lag_samples"] = after[float("inf")] - before.get(float("inf"), 0.0)
+    return report
+
+
 def summarise(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
     c, p, d, lat = (
         report["connections"],
@@ -222,7 +293,9 @@ def summarise(scenario: str, report: dict[str, Any]) -> dict[str, Any]:
         "rss_mib": round(g.get("rss_kb_held", 0) / 1024, 1),
         "rss_kib_per_stream": g.get("rss_kb_per_stream"),
     }
-    if scenario != "idle":
+    if "lag_p99_ms" in report:
+        row.update({k: report[k] for k in ("lag_p50_ms", "lag_p99_ms", "lag_samples")})
+    if scenario not in ("idle", "ramp"):
         row.update(
             {
                 "publish_rate": p["achieved_rate"],
@@ -290,8 +363,8 @@ def readme_table(result: dict[str, Any]) -> str:
         f" {result['repeat']} runs each (other work may share this machine, so single runs vary).",
         f"Command: `{result['command']}`",
         "",
-        "| scenario | streams | events/s (achieved) | deliveries/s | lost | p50 ms | p99 ms (min-max) | RSS MiB | KiB/stream | gateway CPU s per 100k | time to connect s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | streams | events/s (achieved) | deliveries/s | lost | p50 ms | p99 ms (min-max) | RSS MiB | KiB/stream | gateway CPU s per 100k | time to connect s | loop lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, runs in result["scenarios"].items():
         for label, entry in runs.items():
@@ -306,6 +379,7 @@ def readme_table(result: dict[str, Any]) -> str:
                 f" {f('deliveries_per_s', '{:,.0f}')} | {f('lost', '{:.0f}')} | {f('p50_ms', '{:.1f}')} |"
                 f" {p99_range(entry)} | {f('rss_mib', '{:.0f}')} | {f('rss_kib_per_stream', '{:.1f}')} |"
                 f" {f('cpu_s_per_100k', '{:.2f}')} | {f('time_to_connect_s', '{:.1f}')} |"
+                f" {f('lag_p99_ms', '{:.1f}')} |"
             )
     return "\n".join(lines)
 
@@ -334,7 +408,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", choices=("idle", "fanout", "latency", "slow"), action="append")
+    parser.add_argument(
+        "--only", choices=("idle", "fanout", "latency", "slow", "ramp"), action="append"
+    )
+    parser.add_argument(
+        "--label", action="append", help="only these runs of a scenario (e.g. 100 for fanout 100)"
+    )
     parser.add_argument("--out", type=Path, help="results file (default bench/results/<date>.json)")
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     parser.add_argument(
@@ -356,7 +435,7 @@ def main() -> int:
     if shutil.which("taskset") is None:
         raise SystemExit("bench: taskset is required (util-linux)")
     raise_nofile()
-    scenarios = {"idle": IDLE, "fanout": FANOUT, "latency": LATENCY, "slow": SLOW}
+    scenarios = {"idle": IDLE, "fanout": FANOUT, "latency": LATENCY, "slow": SLOW, "ramp": RAMP}
     chosen = args.only or list(scenarios)
     now = dt.datetime.now(dt.UTC)
     result: dict[str, Any] = {
@@ -376,6 +455,8 @@ def main() -> int:
             result["scenarios"][name] = {}
             workers = args.client_workers if name in MULTI_CLIENT else 1
             for label, scenario_args in scenarios[name]:
+                if args.label and str(label) not in args.label:
+                    continue
                 lt_args = [*scenario_args, "--workers", str(workers)]
                 rows, reports = [], []
                 for i in range(args.repeat):
@@ -383,7 +464,10 @@ def main() -> int:
                     config = write_config(redis_url, port)
                     gw = Gateway(config, port)
                     try:
-                        report = loadtest(gw, config, auth, lt_args, args.client_cpus)
+                        if name == "ramp":
+                            report = ramp(gw, config, auth, lt_args, args.client_cpus)
+                        else:
+                            report = loadtest(gw, config, auth, lt_args, args.client_cpus)
                     finally:
                         gw.stop()
                         config.unlink()

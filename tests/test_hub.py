@@ -140,7 +140,7 @@ async def test_forgetting_a_bom_keeps_its_open_streams_receiving() -> None:
     hub.ingest(make_event(cfg, "other", 1), "test")  # evicts "watched"'s history
     hub.ingest(make_event(cfg, "watched", 2), "test")
     await settle()
-    assert opened.sub is not None and not opened.sub.done.done()
+    assert opened.sub is not None and opened.sub.reason is None
     wire = b"".join(t.writes)
     assert b"id: watched-e1\n" in wire and b"id: watched-e2\n" in wire
 

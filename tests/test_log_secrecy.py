@@ -120,13 +120,13 @@ async def exercise(http: aiohttp.ClientSession, base: str, s: Secrets) -> None:
     await status("GET", stream, 401, params={"ticket": ticket})
     await status("GET", events, 401, params={"ticket": s.made_up_ticket})
     await status("POST", f"{base}/api/enrichment/tickets", 401, params={"token": s.good}, json={})
-    # Requests aiohttp cannot parse: it logs the offending line itself.
+    # Requests aiohttp cannot parse, including a request line past the limit.
     q = b"/api/enrichment/events/bom-a?token=" + s.good.encode()
     for raw in (
         b"GET " + q + b" HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
         b"GET " + q + b"\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET " + q + b" HTTP/9.9\r\nHost: x\r\n\r\n",
-        b"GET " + q + b"A" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET " + q + b"A" * 40000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /api/enrichment/events/bom-a?ticket=" + s.made_up_ticket.encode() + b"\x7f HTTP/1.1"
         b"\r\nHost: x\r\n\r\n",
         b"GET /api/enrichment/events/bom-a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
@@ -136,7 +136,8 @@ async def exercise(http: aiohttp.ClientSession, base: str, s: Secrets) -> None:
         b"Host: x\r\nConnection: close\r\n\r\n",
     ):
         reply = await raw_request(base, raw)
-        assert reply.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400", b"HTTP/1.1 401")), reply
+        assert reply.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")), reply
+        assert reply[9:12] in (b"400", b"401", b"414"), reply
 
 
 def assert_clean(output: str, s: Secrets) -> None:
@@ -146,7 +147,7 @@ def assert_clean(output: str, s: Secrets) -> None:
 
 def assert_logged_the_battery(output: str) -> None:
     """The capture really holds what happened, so a clean result means something."""
-    for needle in ("200", "401", "403", "400", "202", "[redacted]", "Error handling request"):
+    for needle in ("200", "401", "403", "400", "202", "[redacted]", "refused a malformed request"):
         assert needle in output, needle
     assert output.count("bomstream.access") >= 30 or output.count('"bomstream.access"') >= 30
 

@@ -3,7 +3,9 @@ with real traffic (real gateway, real redis-server)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import socket
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +17,7 @@ from bomstream.metrics import Metrics
 from bomstream.principal import OPEN
 from bomstream.server import RunningGateway, start
 from tests.conftest import StartGateway, open_stream, progress, publish
+from tests.gateway_proc import GatewayProcess
 from tests.metrics_scrape import Samples, parse, scrape, value
 from tests.redis_proc import RedisProcess
 from tests.waiting import eventually
@@ -33,6 +36,7 @@ EXPECTED_FAMILIES = {
     "bomstream_redis_reconnects",
     "bomstream_auth_failures",
     "bomstream_publish_to_write_seconds",
+    "bomstream_loop_lag_seconds",
 }
 
 
@@ -265,3 +269,35 @@ async def test_no_latency_is_observed_for_an_event_no_stream_received(
     samples = await scrape(http, gateway.url)
     assert value(samples, "bomstream_events_received_total", source="http") == 1
     assert value(samples, "bomstream_publish_to_write_seconds_count") == 0
+
+
+async def test_loop_lag_probe_sees_a_stalled_gateway(http: aiohttp.ClientSession) -> None:
+    """A gateway process stopped for half a second (as a long GC pause would
+    stall it) shows that pause in bomstream_loop_lag_seconds."""
+    gw = GatewayProcess()
+    try:
+        await gw.start(http)
+        lag = "bomstream_loop_lag_seconds"
+        # The probe samples on its own, with nothing else going on.
+        first = await eventually(lambda: _lag_count(http, gw.url), lambda n: n >= 3)
+        before = await scrape(http, gw.url)
+        gw.signal(signal.SIGSTOP)
+        await asyncio.sleep(0.5)
+        gw.signal(signal.SIGCONT)
+        after = await scrape(http, gw.url)
+        assert value(after, f"{lag}_count") > first
+
+        # At least one more wake-up came over 0.2 s late: the stall.
+        def late(s: Samples) -> float:
+            return value(s, f"{lag}_count") - value(s, f"{lag}_bucket", le="0.2")
+
+        assert late(after) - late(before) >= 1
+        assert value(after, f"{lag}_sum") - value(before, f"{lag}_sum") >= 0.4
+    finally:
+        gw.signal(signal.SIGCONT)
+        gw.stop()
+        gw.close()
+
+
+async def _lag_count(http: aiohttp.ClientSession, base: str) -> float:
+    return value(await scrape(http, base), "bomstream_loop_lag_seconds_count")

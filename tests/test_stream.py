@@ -8,6 +8,7 @@ import aiohttp
 
 from bomstream.server import RunningGateway
 from tests.conftest import StartGateway, open_stream, progress, publish
+from tests.waiting import eventually
 
 
 async def test_stream_starts_with_retry_then_connected(
@@ -199,3 +200,34 @@ async def test_invalid_bom_id_in_path_is_400(
     async with http.get(f"{gateway.url}/api/enrichment/stream/") as resp:
         assert resp.status == 404
         assert (await resp.json())["code"] == "not_found"
+
+
+async def test_open_streams_are_handed_over_and_a_hang_up_still_ends_them(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    """Once its headers are sent a stream's connection is the gateway's own:
+    aiohttp tracks none of them, yet events flow, a hang-up is noticed, and
+    the response ends with chunked encoding's last chunk."""
+    gw = gateway.gateway
+    server = gateway.runner.server
+    assert server is not None
+
+    async def state() -> tuple[int, int, int]:
+        return gw.hub.stream_count, gw.handed_over.count, len(server.connections)
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /api/enrichment/stream/bom-a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    async with open_stream(http, gateway.url, "bom-a") as s:
+        await s.next_event()
+        # Two open streams, both handed over, none left in aiohttp's connections.
+        await eventually(state, lambda st: st == (2, 2, 0))
+        await publish(http, gateway.url, "bom-a", progress("bom-a", 1))
+        assert (await s.next_event()).id == "bom-a-e1"  # type: ignore[union-attr]
+        writer.close()  # the raw client hangs up
+        await eventually(state, lambda st: st[:2] == (1, 1))
+        done = {"event_id": "t", "event_type": "enrichment.completed"}
+        await publish(http, gateway.url, "bom-a", done)
+        frames = await s.events_until_end()  # ends cleanly: the client saw the last chunk
+        assert [f.event for f in frames] == ["enrichment.completed", "stream_end"]
+    await eventually(state, lambda st: st[:2] == (0, 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bomstream.buffer import BomBuffer
@@ -13,8 +14,10 @@ from bomstream.principal import Principal
 
 
 class Subscriber:
-    """One open stream. ``reason`` is set once it ends, and ``done`` wakes its
-    handler; a handler cancelled by a disconnect may cancel ``done`` itself."""
+    """One open stream. ``reason`` is set once it ends, and then ``on_end`` (set
+    by whoever serves the stream) is called soon after, once. A plain callback
+    rather than a future: at tens of thousands of streams, each object per
+    stream is memory, and work for every garbage collection."""
 
     __slots__ = (
         "_beat_slot",
@@ -22,10 +25,10 @@ class Subscriber:
         "bom_id",
         "catchup_events",
         "delivered_base",
-        "done",
         "gen",
         "group",
         "live_events",
+        "on_end",
         "opened_at",
         "principal",
         "reason",
@@ -37,13 +40,12 @@ class Subscriber:
         bom_id: str,
         principal: Principal,
         transport: asyncio.WriteTransport,
-        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.bom_id = bom_id
         self.principal = principal
         self.group = principal.org
         self.transport = transport
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.on_end: Callable[[], None] | None = None
         self.reason: str | None = None
         self.opened_at = time.monotonic()
         self.catchup_events = 0

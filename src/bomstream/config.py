@@ -93,7 +93,8 @@ class AuthConfig:
     jwt_algorithms: tuple[str, ...] = ()
     audience: str = ""
     issuer: str = ""
-    leeway_s: float = 30.0
+    # As PyJWT's own default: a token is refused, and its stream ended, at exp.
+    leeway_s: float = 0.0
     org_claim: str = "organization_id"
     ticket_ttl_s: float = 60.0
 

@@ -249,8 +249,7 @@ class Hub:
             return Opened(b"".join(parts), None, resumed, end_reason, len(catchup))
         if ch is None:
             ch = self._channels[bom_id] = Channel(bom_id, self._cfg.buffer.events_per_bom)
-        loop = asyncio.get_running_loop()
-        sub = Subscriber(bom_id, principal, transport, loop)
+        sub = Subscriber(bom_id, principal, transport)
         sub.catchup_events = len(catchup)
         sub.gen = ch.merge_gen
         group = ch.groups.get(org)
@@ -337,8 +336,10 @@ class Hub:
     def _settle(self, sub: Subscriber, reason: str) -> None:
         sub.reason = reason
         self._metrics.stream_end.labels(reason).inc()
-        if not sub.done.done():
-            sub.done.set_result(None)
+        on_end, sub.on_end = sub.on_end, None
+        if on_end is not None:
+            # Soon, not now: the hub finishes unregistering the stream first.
+            asyncio.get_running_loop().call_soon(on_end)
 
     def events_sent(self, sub: Subscriber) -> int:
         """Events written to a stream: its catch-up plus live events (after detach)."""

@@ -19,6 +19,10 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# Finer around the 20 ms a pause may cost at most.
+LAG_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5,
+)  # fmt: skip
 
 
 class Metrics:
@@ -91,6 +95,12 @@ class Metrics:
             "bomstream_publish_to_write_seconds",
             "From an event's created_at (else its receipt) to its first write to streams.",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "bomstream_loop_lag_seconds",
+            "How late the event loop ran a timer that was due (sampled every 50 ms).",
+            buckets=LAG_BUCKETS,
             registry=r,
         )
 

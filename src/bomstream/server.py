@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -24,8 +25,10 @@ from bomstream.history.recall import Recall
 from bomstream.http_api import handle_health, handle_metrics, handle_poll, handle_publish
 from bomstream.hub import SERVER_SHUTDOWN, Hub
 from bomstream.logs import FIELDS
+from bomstream.looplag import probe_loop_lag
 from bomstream.metrics import Metrics
 from bomstream.pages import add_pages
+from bomstream.protocol import GatewayRunner, name_server
 from bomstream.state import GATEWAY, Gateway
 from bomstream.stream import handle_stream
 from bomstream.ticket_api import handle_ticket
@@ -37,6 +40,21 @@ log = logging.getLogger("bomstream.server")
 # enforces limits.max_event_bytes itself, this only keeps a hard ceiling.
 BODY_SLACK = 1024
 IDLE_KEEPALIVE_S = 75.0
+# The collector's generation thresholds while serving (CPython's are 700, 10,
+# 10). Thousands of streams connecting make objects fast, and with the
+# defaults a young collection ran every few connects and a full one, walking
+# every open stream's objects, several times per 10k streams, pausing the loop
+# for 50-500 ms each time. Reference counting frees almost everything a
+# request makes; these only bound how long the few cycles wait.
+GC_THRESHOLDS = (10_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Start-up is over: what exists now (modules, config, the app) lives as
+    long as the process, so no collection needs to walk it again."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,17 +103,20 @@ def make_app(cfg: Config, role: WorkerRole | None = None) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     add_pages(app)
     app.cleanup_ctx.append(_background_tasks)
+    app.on_response_prepare.append(name_server)
     app.on_shutdown.append(_end_streams)
     return app
 
 
 async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
-    """Owner tasks of the broker connection, the history connections and the buffer sweeper."""
+    """Owner tasks of the broker connection, the history connections, the buffer
+    sweeper and the loop-lag probe."""
     gw = app[GATEWAY]
     tasks = [
         asyncio.create_task(gw.broker.run(), name="broker"),
         asyncio.create_task(gw.recall.run(), name="history"),
         asyncio.create_task(gw.hub.run_sweeper(), name="sweeper"),
+        asyncio.create_task(probe_loop_lag(gw.metrics.loop_lag), name="loop-lag"),
     ]
     yield
     for task in tasks:
@@ -109,8 +130,12 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _end_streams(app: web.Application) -> None:
-    ended = app[GATEWAY].hub.end_all(SERVER_SHUTDOWN)
+    gw = app[GATEWAY]
+    ended = gw.hub.end_all(SERVER_SHUTDOWN)
     log.info("shutting down", extra={FIELDS: {"streams_ended": ended}})
+    # Ended streams close their connections once their last frame is sent;
+    # aiohttp no longer tracks those connections, so wait for them here.
+    await gw.handed_over.wait_closed(gw.cfg.server.shutdown_grace_s)
 
 
 @dataclass(slots=True)
@@ -154,18 +179,14 @@ async def start(cfg: Config, role: WorkerRole | None = None) -> RunningGateway:
     connections over them.
     """
     app = make_app(cfg, role)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
-        # A client that goes away cancels its stream handler, which is how a
-        # stream learns of the disconnect at once rather than at its next write.
-        handler_cancellation=True,
         shutdown_timeout=cfg.server.shutdown_grace_s,
         # aiohttp's handler default is an hour; a proxy in front (nginx keeps
         # idle upstream connections 60 s) should always be the side that closes.
         keepalive_timeout=IDLE_KEEPALIVE_S,
         access_log=logging.getLogger("bomstream.access") if cfg.server.access_log else None,
         access_log_class=AccessLogger,
-        handle_signals=False,
     )
     await runner.setup()
     site = web.TCPSite(
@@ -205,6 +226,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = await start(cfg, role)
+    tune_gc()
     if role is None:
         log.info(
             "bomstream listening", extra={FIELDS: {"url": running.url, **listening_fields(cfg)}}

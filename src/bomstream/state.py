@@ -15,6 +15,7 @@ from bomstream.history.recall import Recall
 from bomstream.hub import Hub
 from bomstream.logs import DropReporter
 from bomstream.metrics import Metrics
+from bomstream.protocol import HandedOver
 
 
 @dataclass(slots=True)
@@ -28,6 +29,8 @@ class Gateway:
     # The index of this worker under ``serve --workers N``; None when the
     # process serves on its own.
     worker: int | None = None
+    # Stream connections handed over from aiohttp (see stream.OpenStream).
+    handed_over: HandedOver = field(default_factory=HandedOver)
     started_at: float = field(default_factory=time.monotonic)
     http_drops: DropReporter = field(
         default_factory=lambda: DropReporter(logging.getLogger("bomstream.api"), "http")

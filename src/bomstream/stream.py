@@ -1,22 +1,27 @@
 """``GET /api/enrichment/stream/{bom_id}``: the SSE stream.
 
 The handler decides whether a stream may open, sends the headers, and hands
-the transport to the hub, which writes every frame from then on. The handler
-itself only waits for the stream to end and logs one line when it does.
+the transport to the hub, which writes every frame from then on. The
+connection itself is then handed over from aiohttp to an :class:`OpenStream`,
+which waits for the stream to end, ends the response and logs one line; the
+request, its parser and its tasks are freed as soon as the headers are sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from aiohttp import web
 
+from bomstream.channel import Subscriber
 from bomstream.errors import ApiError, error_response
 from bomstream.events import is_valid_bom_id
 from bomstream.hub import CLIENT_GONE
 from bomstream.logs import FIELDS
 from bomstream.principal import Principal
+from bomstream.protocol import GatewayProtocol
 from bomstream.state import GATEWAY, Gateway
 
 log = logging.getLogger("bomstream.stream")
@@ -27,6 +32,8 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 RETRY_AFTER_S = "2"
+# The end of a chunked response.
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 def checked_bom_id(request: web.Request) -> str:
@@ -93,6 +100,9 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     bom_id, principal, after = admitted
     del admitted
 
+    protocol = request.protocol
+    if not isinstance(protocol, GatewayProtocol):
+        raise TypeError("the stream route needs the gateway's runner (bomstream.server.start)")
     resp = web.StreamResponse(headers=SSE_HEADERS)
     # A stream ends by closing its connection (spec section 4), so the
     # connection is never reused; this also drops aiohttp's idle-keep-alive
@@ -123,26 +133,61 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     sub = opened.sub
     if sub is None:
         _log_closed(bom_id, principal, opened.end_reason, resumed, opened.catchup_events, 0.0)
-    else:
-        # The first bytes are sent; a stream that stays open for hours need not hold them.
-        del opened
-        try:
-            # A disconnect cancels this handler and with it ``done``; the hub
-            # never needs ``done`` again once the stream is detached below.
-            await sub.done
-        finally:
-            hub.detach(sub)
-            _log_closed(
-                bom_id,
-                principal,
-                sub.reason or CLIENT_GONE,
-                resumed,
-                hub.events_sent(sub),
-                time.monotonic() - sub.opened_at,
-            )
-    if not transport.is_closing():
-        await resp.write_eof()
+        if not transport.is_closing():
+            await resp.write_eof()
+        return resp
+    # The first bytes are sent; a stream that stays open for hours need not hold them.
+    del opened
+    # Wait for the end on the connection itself, not in this handler: it
+    # returns now, and aiohttp lets go of the request and the connection.
+    conn = OpenStream(gw, sub, resumed)
+    sub.on_end = conn.ended
+    try:
+        protocol.hand_over(conn)
+    except ConnectionResetError:
+        hub.detach(sub)  # as client_disconnected; conn.ended logs it
+        return resp
+    gw.handed_over.opened()
     return resp
+
+
+class OpenStream(asyncio.Protocol):
+    """A stream's connection once its headers are sent. The hub writes every
+    frame to the transport; this learns of the client going away, and ends
+    the response and closes the connection when the stream ends."""
+
+    __slots__ = ("_gw", "_resumed", "_sub")
+
+    def __init__(self, gw: Gateway, sub: Subscriber, resumed: bool) -> None:
+        self._gw = gw
+        self._sub = sub
+        self._resumed = resumed
+
+    def data_received(self, data: bytes) -> None:
+        # A stream request has no body; whatever else a client sends is ignored.
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close, which ends the stream below
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._gw.hub.detach(self._sub)  # ends it as client_disconnected if still open
+        self._gw.handed_over.closed()
+
+    def ended(self) -> None:
+        sub = self._sub
+        transport = sub.transport
+        if not transport.is_closing():
+            transport.write(LAST_CHUNK)
+            transport.close()
+        _log_closed(
+            sub.bom_id,
+            sub.principal,
+            sub.reason or CLIENT_GONE,
+            self._resumed,
+            self._gw.hub.events_sent(sub),
+            time.monotonic() - sub.opened_at,
+        )
 
 
 def _log_closed(
