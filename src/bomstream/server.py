@@ -43,13 +43,15 @@ def make_app(cfg: Config) -> web.Application:
     metrics = Metrics()
     hub = Hub(cfg, metrics)
     history = make_backend(cfg, metrics)
-    recall = Recall(cfg, hub, metrics, history)
     broker: Broker
+    interest = None
     if cfg.redis.url:
-        broker = RedisBroker(cfg, hub, metrics, record=history.record if history else None)
+        redis_broker = RedisBroker(cfg, hub, metrics, record=history.record if history else None)
+        broker, interest = redis_broker, redis_broker.interest
     else:
         broker = MemoryBroker(hub)
-    tickets = make_ticket_store(cfg.redis.url, cfg.auth.ticket_ttl_s)
+    recall = Recall(cfg, hub, metrics, history, watcher=interest)
+    tickets = make_ticket_store(cfg.redis.url, cfg.auth.ticket_ttl_s, cfg.redis.cluster)
     auth = Authenticator(cfg, metrics, tickets)
     gw = Gateway(cfg=cfg, hub=hub, broker=broker, metrics=metrics, auth=auth, recall=recall)
     app = web.Application(
@@ -158,6 +160,7 @@ async def serve(cfg: Config) -> None:
             FIELDS: {
                 "url": running.url,
                 "broker": "redis" if cfg.redis.url else "embedded",
+                "subscribe": cfg.redis.subscribe_mode if cfg.redis.url else "-",
                 "history": cfg.history_backend,
                 "auth": "open" if cfg.open_mode else "token",
             }
