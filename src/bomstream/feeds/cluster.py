@@ -86,7 +86,7 @@ class NodeFeed:
             self.link = link
             self.failures = 0
             feed.metrics.redis_shard_connected.labels(self.name).set(1)
-            log.info("redis cluster node subscribed", extra={FIELDS: {"redis": self.name}})
+            log.info("redis cluster node connected", extra={FIELDS: {"redis": self.name}})
             feed.interest.reroute()
             await keep_alive(link, feed.cfg.redis.health_check_s)
         finally:
