@@ -17,10 +17,10 @@ from bomstream.publisher import AsyncPublisher, Publisher
 from tests.cli_proc import cli_env, run_cli
 from tests.conftest import publish
 from tests.gateway_proc import GatewayProcess
+from tests.interest_kit import ADMIN, AUTH, check_stream, event, read_all
 from tests.metrics_scrape import scrape, value
 from tests.redis_cluster import ClusterNode, RedisClusterProcesses
 from tests.sse import SSEStream
-from tests.test_interest import ADMIN, AUTH, check_stream, event, read_all
 from tests.waiting import eventually
 
 GRACE_S = 0.5

@@ -23,9 +23,10 @@ as one command per connection (one per hash slot on a cluster node).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from bomstream.feeds.link import Link
@@ -52,6 +53,7 @@ class Watch:
         "bom_id",
         "channel",
         "epoch",
+        "holds",
         "link",
         "live",
         "seq",
@@ -65,6 +67,8 @@ class Watch:
         self.bom_id = bom_id
         self.channel = channel
         self.streams = False
+        # Requests working on this BOM right now.
+        self.holds = 0
         # Interest without a stream lasts until then (monotonic seconds).
         self.until = 0.0
         # Where the latest command for this channel went, its number, and
@@ -115,11 +119,21 @@ class Interest:
 
     # -- requests and streams ------------------------------------------------
 
-    async def watch(self, bom_id: str) -> bool:
-        """Hold interest in ``bom_id`` and wait until its subscription is live.
-        False when it cannot be (its connection is down, or no confirmation in time)."""
+    @contextlib.asynccontextmanager
+    async def hold(self, bom_id: str) -> AsyncIterator[bool]:
+        """Keep ``bom_id`` watched while a request works on it (and for the
+        grace after). Yields once its subscription is live: True, or False when
+        it cannot be (its connection is down, or no confirmation in time)."""
         w = self._get(bom_id)
-        self._hold(w)
+        w.holds += 1
+        try:
+            yield await self._until_live(w)
+        finally:
+            w.holds -= 1
+            if self._watches.get(w.channel) is w:
+                self._hold(w)
+
+    async def _until_live(self, w: Watch) -> bool:
         if w.live:
             return True
         assert self.router is not None
@@ -136,8 +150,6 @@ class Interest:
         finally:
             if fut in w.waiters:
                 w.waiters.remove(fut)
-            # A request keeps its BOM watched for the grace after it was answered.
-            self._hold(w)
 
     def first_stream(self, bom_id: str) -> None:
         w = self._get(bom_id)
@@ -171,7 +183,7 @@ class Interest:
         self._idle.move_to_end(w.channel)
 
     def _wanted(self, w: Watch, now: float) -> bool:
-        return w.streams or bool(w.waiters) or w.until > now
+        return w.streams or w.holds > 0 or w.until > now
 
     def expire(self) -> None:
         """Let go of BOMs whose grace has passed."""
@@ -183,7 +195,7 @@ class Interest:
             if w is not None and w.until > now:
                 break
             idle.popitem(last=False)
-            if w is not None and not w.streams and not w.waiters:
+            if w is not None and not w.streams and not w.holds:
                 self._mark(w)
 
     async def run(self) -> None:

@@ -29,6 +29,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Literal, Protocol
 
 from bomstream.config import Config
@@ -62,8 +63,9 @@ class Watcher(Protocol):
 
     on_live: Callable[[str], None]
 
-    async def watch(self, bom_id: str) -> bool:
-        """Hold interest and wait until the BOM's subscription is live (False: it cannot be)."""
+    def hold(self, bom_id: str) -> AbstractAsyncContextManager[bool]:
+        """Keep the BOM watched while a request works on it; yields once its
+        subscription is live (False: it cannot be)."""
         ...
 
     def epoch(self, bom_id: str) -> int:
@@ -109,21 +111,29 @@ class Recall:
         history trouble: when history cannot answer, the buffer answers alone.
         False only with interest subscriptions, when the BOM's cannot be made
         live (its Redis connection is down): a stream must not open then."""
-        if self._watcher is not None and not await self._watcher.watch(bom_id):
-            return False
-        if self._backend is None or not self._hub.needs_history(bom_id):
+        if self._watcher is None:
+            await self._ensure_loaded(bom_id)
             return True
+        # Interest is held through the history read, so a slow read cannot
+        # outlast the grace and lose the subscription it was made for.
+        async with self._watcher.hold(bom_id) as live:
+            if live:
+                await self._ensure_loaded(bom_id)
+        return live
+
+    async def _ensure_loaded(self, bom_id: str) -> None:
+        if self._backend is None or not self._hub.needs_history(bom_id):
+            return
         now = time.monotonic()
         if now < self._down_until:
-            return True
+            return
         if self._watcher is None and not self._hub.knows(bom_id):
             seen = self._empty.get(bom_id)
             if seen is not None and now - seen < EMPTY_TTL_S:
-                return True
+                return
         # One waiter going away (a client disconnect) must not cancel the
         # read the others wait on.
         await asyncio.shield(self._start_load(bom_id))
-        return True
 
     def resync(self, bom_id: str) -> None:
         """Read history again for a BOM whose lapsed subscription is back and
