@@ -210,6 +210,18 @@ async def test_events_reach_streams_through_sharded_pub_sub_and_history_is_in_th
     other = await started(gateways, cluster, http)
     resumed, frames = await read_first(http, other.url, boms[1], f"{boms[1]}-e1")
     assert resumed is True and [f.id for f in frames] == [f"{boms[1]}-e2"]
+    # A stream ticket issued by one instance is redeemed at the other, once.
+    async with http.post(
+        f"{g.url}/api/enrichment/tickets", json={"bom_id": boms[2]}, headers=AUTH
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+        ticket = (await resp.json())["ticket"]
+    url = f"{other.url}/api/enrichment/stream/{boms[2]}?ticket={ticket}"
+    async with http.get(url) as resp:
+        assert resp.status == 200
+        assert (await SSEStream(resp).next_event()).event == "connected"  # type: ignore[union-attr]
+    async with http.get(url) as resp:
+        assert resp.status == 401
     await eventually(
         lambda: asyncio.to_thread(
             lambda: sum(shard_subscribers(cluster.owner(f"enrichment:{b}"), b) for b in boms)
