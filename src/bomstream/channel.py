@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from bomstream.buffer import BomBuffer
 from bomstream.events import Event
@@ -81,6 +82,7 @@ class Channel:
         "merge_gen",
         "owner",
         "pending",
+        "resync_gen",
     )
 
     def __init__(self, bom_id: str, capacity: int) -> None:
@@ -94,6 +96,10 @@ class Channel:
         # Whether shared history has been merged into the buffer (see merge_history).
         self.history_loaded = False
         self.merge_gen = 0
+        # Non-zero while the BOM's lapsed subscription is being re-established:
+        # live events wait, and the streams registered before this generation
+        # get what they missed first (see Hub.begin_resync).
+        self.resync_gen = 0
 
     def has_subscribers(self) -> bool:
         return any(g.subs for g in self.groups.values())
@@ -112,3 +118,20 @@ class Opened:
 
 def visible(event: Event, org: str | None) -> bool:
     return org is None or event.org == org
+
+
+class Watchers(Protocol):
+    """Told when a BOM gets its first open stream and loses its last one
+    (interest subscriptions follow this)."""
+
+    def first_stream(self, bom_id: str) -> None: ...
+
+    def last_stream(self, bom_id: str) -> None: ...
+
+
+class NoWatchers:
+    def first_stream(self, bom_id: str) -> None:
+        return None
+
+    def last_stream(self, bom_id: str) -> None:
+        return None

@@ -27,6 +27,7 @@ DEFAULT_CONFIG_FILE = "config.toml"
 SECRET_KEYS = frozenset({"auth.admin_token", "auth.jwt_secret", "metrics.token", "history.url"})
 DEFAULT_TERMINAL_TYPES = ("enrichment.completed", "enrichment.failed", "enrichment.error")
 HISTORY_BACKENDS = ("none", "redis", "postgres")
+SUBSCRIBE_MODES = ("pattern", "interest")
 # A table name, optionally schema-qualified; it is quoted into SQL, so nothing else passes.
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
 
@@ -68,6 +69,20 @@ class RedisConfig:
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0
     health_check_s: float = 10.0
+    # "" picks the default: "interest" with cluster = true, else "pattern".
+    subscribe: str = ""
+    unsubscribe_grace_s: float = 30.0
+    cluster: bool = False
+
+    @property
+    def subscribe_mode(self) -> str:
+        """``pattern`` or ``interest``, with the default resolved."""
+        return self.subscribe or ("interest" if self.cluster else "pattern")
+
+    @property
+    def interest(self) -> bool:
+        """Per-BOM subscriptions (``interest`` mode), which Redis Cluster implies."""
+        return self.subscribe_mode == "interest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +355,7 @@ def _validate(cfg: Config) -> None:
             " published to one worker would never reach the others"
         )
     _validate_history(cfg)
+    _validate_subscribe(cfg)
     _check(bool(cfg.auth.org_claim), "auth.org_claim", "must not be empty")
     _check(cfg.auth.leeway_s >= 0, "auth.leeway_s", "must not be negative")
     _check(cfg.auth.ticket_ttl_s > 0, "auth.ticket_ttl_s", "must be greater than 0")
@@ -396,6 +412,41 @@ def _validate_history(cfg: Config) -> None:
     )
     _check(h.timeout_s > 0, "history.timeout_s", "must be greater than 0")
     _check(h.pool_size >= 1, "history.pool_size", "must be at least 1")
+
+
+def _validate_subscribe(cfg: Config) -> None:
+    r = cfg.redis
+    if r.subscribe and r.subscribe not in SUBSCRIBE_MODES:
+        raise ConfigError(f"redis.subscribe: must be pattern or interest, got {r.subscribe!r}")
+    _check(r.unsubscribe_grace_s >= 0, "redis.unsubscribe_grace_s", "must not be negative")
+    if r.cluster:
+        _check(
+            r.subscribe != "pattern",
+            "redis.subscribe",
+            "'pattern' cannot be used with redis.cluster = true (sharded pub/sub has no"
+            " patterns); leave it empty or set 'interest'",
+        )
+        _check(bool(r.url), "redis.cluster", "needs redis.url (any one node of the cluster)")
+        _check(
+            r.url.startswith(("redis://", "rediss://")),
+            "redis.cluster",
+            "needs a redis:// or rediss:// URL of a cluster node",
+        )
+        # The channel's hash slot must be the one its history keys are tagged with.
+        _check(
+            "{" not in r.channel_prefix and "}" not in r.channel_prefix,
+            "redis.channel_prefix",
+            "must not contain { or } with redis.cluster = true",
+        )
+    if not r.interest:
+        return
+    _check(bool(r.url), "redis.subscribe", "'interest' needs redis.url")
+    if cfg.history_backend == "none":
+        raise ConfigError(
+            "history.backend: 'none' cannot be used with interest subscriptions"
+            f" (redis.subscribe = 'interest'{', implied by redis.cluster' if r.cluster else ''}):"
+            " a newly watched BOM takes its catch-up from history"
+        )
 
 
 def _is_loopback(host: str) -> bool:

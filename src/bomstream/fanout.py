@@ -99,6 +99,51 @@ class FanOut:
                 self._metrics.events_delivered.inc(len(subs))
             self.write_to(subs, blob, ev if ev.terminal else None)
 
+    def fill(self, ch: Channel, events: list[Event], before_gen: int) -> None:
+        """What the streams registered before generation ``before_gen`` missed
+        while the BOM's subscription had lapsed, in order. An event held from
+        an earlier history merge goes only to the streams registered before
+        that merge; the others had it in catch-up."""
+        for i, ev in enumerate(events):
+            if ev.terminal:
+                events = events[: i + 1]
+                break
+        terminal = events[-1] if events and events[-1].terminal else None
+        delivered = 0
+        for org, group in list(ch.groups.items()):
+            if not group.subs:
+                continue
+            if org is not None and ch.owner is not None and ch.owner != org:
+                self._end_group(group, FORBIDDEN)
+                continue
+            # Streams that get the same events share one blob.
+            shares: dict[tuple[int, ...], list[Subscriber]] = {}
+            for sub in group.subs:
+                if sub.gen >= before_gen:
+                    continue
+                key = tuple(
+                    i
+                    for i, e in enumerate(events)
+                    if (visible(e, org) or e is terminal)
+                    and (not e.hist_gen or sub.gen < e.hist_gen)
+                )
+                shares.setdefault(key, []).append(sub)
+            for key, subs in shares.items():
+                shown = [events[i] for i in key if visible(events[i], org)]
+                ends = terminal is not None and events.index(terminal) in key
+                blob = b"".join(e.chunk for e in shown)
+                if ends and terminal is not None:
+                    blob += stream_end_chunk(terminal.event_type)
+                if not blob:
+                    continue
+                for sub in subs:
+                    sub.delivered_base -= len(shown)
+                delivered += len(shown) * len(subs)
+                self.write_to(subs, blob, terminal if ends else None)
+        self._metrics.events_delivered.inc(delivered)
+        for ev in events:
+            ev.hist_gen = 0
+
     def _write_group(self, group: Group, blob: bytes, terminal: Event | None) -> None:
         self.write_to(group.subs, blob, terminal)
 

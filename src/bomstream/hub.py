@@ -17,7 +17,7 @@ import time
 from collections import Counter, OrderedDict
 from typing import Literal
 
-from bomstream.channel import Channel, Group, Opened, Subscriber, visible
+from bomstream.channel import Channel, Group, NoWatchers, Opened, Subscriber, Watchers, visible
 from bomstream.config import Config
 from bomstream.deadlines import Deadlines
 from bomstream.events import (
@@ -29,6 +29,7 @@ from bomstream.events import (
     stream_end_chunk,
 )
 from bomstream.fanout import FanOut
+from bomstream.merge import Resyncs, merge_plain, merge_resync
 from bomstream.metrics import Metrics
 from bomstream.principal import Principal
 from bomstream.reasons import CLIENT_GONE, MAX_DURATION, SERVER_SHUTDOWN, TOKEN_EXPIRED
@@ -56,9 +57,11 @@ class Hub:
         self._beats: TimerWheel[Subscriber] = TimerWheel(cfg.server.heartbeat_s, self._heartbeat)
         self._deadlines: Deadlines[Subscriber] = Deadlines(self.end)
         self._fanout = FanOut(metrics, self._send_limit, self.end, self._finish)
+        self._resyncs = Resyncs(self._channels, self._dirty, self._fanout, metrics)
         self.stream_count = 0
         self.streams_by_org: Counter[str | None] = Counter()
         self.closing = False
+        self.watchers: Watchers = NoWatchers()
 
     # -- ingest --------------------------------------------------------------
 
@@ -72,8 +75,11 @@ class Hub:
         elif (held := ch.buffer.get(event.event_id)) is not None:
             if held.hist_gen:
                 # Held from history, and this is its first live arrival.
-                self._fanout.deliver_late(ch, held)
                 self._metrics.events_received.labels(source).inc()
+                if ch.resync_gen:
+                    ch.pending.append(held)
+                else:
+                    self._fanout.deliver_late(ch, held)
             else:
                 self._metrics.events_dropped.labels("duplicate").inc()
             return False
@@ -97,43 +103,41 @@ class Hub:
     def knows(self, bom_id: str) -> bool:
         return bom_id in self._channels
 
-    def merge_history(self, bom_id: str, events: list[Event]) -> None:
-        """Merge a BOM's history (oldest first) into its buffer, by ``event_id``.
-
-        History events the buffer lacks are either older than anything this
-        process received live (placed before the buffer), or were stored just
-        before their live copy reaches this process (those after the last event
-        both hold: placed after the buffer). Either way they are marked with a
-        new merge generation: streams registered from now on get them through
-        catch-up, and when the live copy arrives it is delivered only to the
-        streams that registered before this merge, so nobody gets it twice.
-        """
+    def merge_history(self, bom_id: str, events: list[Event], *, complete: bool = False) -> None:
+        """Merge a BOM's history (oldest first) into its buffer, by ``event_id``
+        (:mod:`bomstream.merge`). ``complete``: the feed has carried the BOM
+        since before history was read (interest mode), so a BOM that history
+        knows nothing of is held as known and empty, not read again per request."""
         ch = self._channels.get(bom_id)
         if ch is None:
-            if not events:
+            if not events and not complete:
                 return
             ch = self._channels[bom_id] = Channel(bom_id, self._cfg.buffer.events_per_bom)
-        if ch.pending:
-            self._fanout.flush(ch)
-            self._dirty.pop(bom_id, None)
         ch.history_loaded = True
-        held = ch.buffer
-        last_common = max((i for i, e in enumerate(events) if e.event_id in held), default=-1)
-        older = [e for e in events[: last_common + 1] if e.event_id not in held]
-        newer = [e for e in events[last_common + 1 :] if e.event_id not in held]
-        if last_common < 0:
-            older, newer = newer, []
-        if not older and not newer:
-            return
-        ch.merge_gen += 1
-        for ev in older:
-            ev.hist_gen = ch.merge_gen
-        for ev in newer:
-            ev.hist_gen = ch.merge_gen
-        held.replace([*older, *held, *newer])
-        ch.owner = next((e.org for e in held if e.org is not None), None)
-        ch.last_event_at = time.monotonic()
-        self._touch(ch)
+        if ch.resync_gen:
+            self._dirty.pop(bom_id, None)
+            self._resyncs.finish(ch, merge_resync(ch, events), "filled")
+        else:
+            if ch.pending:
+                self._fanout.flush(ch)
+                self._dirty.pop(bom_id, None)
+            if not merge_plain(ch, events):
+                return
+        if ch.buffer:
+            ch.owner = next((e.org for e in ch.buffer if e.org is not None), None)
+            ch.last_event_at = time.monotonic()
+            self._touch(ch)
+
+    def begin_resync(self, bom_id: str) -> None:
+        """The BOM's subscription lapsed (see :class:`bomstream.merge.Resyncs`)."""
+        self._resyncs.begin(bom_id)
+
+    def resyncing(self, bom_id: str) -> bool:
+        return self._resyncs.active(bom_id)
+
+    def end_resync(self, bom_id: str) -> None:
+        """History cannot fill the gap: release the live events held back."""
+        self._resyncs.give_up(bom_id)
 
     def _touch(self, ch: Channel) -> None:
         recency = self._recency
@@ -149,6 +153,7 @@ class Hub:
         if ch is None:
             return
         self._recency.pop(bom_id, None)
+        self.end_resync(bom_id)
         if ch.pending:
             self._fanout.flush(ch)
         self._dirty.pop(bom_id, None)
@@ -161,10 +166,12 @@ class Hub:
     # -- fan-out -------------------------------------------------------------
 
     def _flush_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, {}
+        # Emptied in place: the re-sync bookkeeping holds the same dict.
+        dirty = list(self._dirty.values())
+        self._dirty.clear()
         self._flush_handle = None
-        for ch in dirty.values():
-            if ch.pending:
+        for ch in dirty:
+            if ch.pending and not ch.resync_gen:
                 self._fanout.flush(ch)
 
     # -- streams -------------------------------------------------------------
@@ -206,7 +213,7 @@ class Hub:
     ) -> Opened:
         """Build a new stream's first bytes and register it for live events, atomically."""
         ch = self._channels.get(bom_id)
-        if ch is not None and ch.pending:
+        if ch is not None and ch.pending and not ch.resync_gen:
             # Deliver what is in flight first, so catch-up and live cannot overlap.
             self._fanout.flush(ch)
             self._dirty.pop(bom_id, None)
@@ -252,6 +259,7 @@ class Hub:
         sub = Subscriber(bom_id, principal, transport)
         sub.catchup_events = len(catchup)
         sub.gen = ch.merge_gen
+        first = not ch.has_subscribers()
         group = ch.groups.get(org)
         if group is None:
             group = ch.groups[org] = Group()
@@ -265,6 +273,8 @@ class Hub:
         if deadline is not None:
             reason, when = deadline
             sub._deadline_key = self._deadlines.add(sub, when, reason)
+        if first:
+            self.watchers.first_stream(bom_id)
         return Opened(b"".join(parts), sub, resumed, None, len(catchup))
 
     def _deadline_for(self, principal: Principal) -> tuple[str, float] | None:
@@ -328,8 +338,12 @@ class Hub:
         self._metrics.streams_active.set(self.stream_count)
         if not group.subs:
             del ch.groups[sub.group]
+            if not ch.groups:
+                # Nobody is left to hold events back for.
+                self.end_resync(sub.bom_id)
+                self.watchers.last_stream(sub.bom_id)
             if not ch.groups and len(ch.buffer) == 0:
-                del self._channels[sub.bom_id]
+                self._channels.pop(sub.bom_id, None)
         if sub.reason is None:
             self._settle(sub, CLIENT_GONE)
 

@@ -88,6 +88,47 @@ class Metrics:
         self.redis_reconnects = Counter(
             "bomstream_redis_reconnects", "Redis feed reconnect attempts.", registry=r
         )
+        self.redis_feed_bytes = Counter(
+            "bomstream_redis_feed_bytes",
+            "Bytes read from Redis subscription connections (every node's, in a cluster).",
+            registry=r,
+        )
+        self.redis_subscribed_channels = Gauge(
+            "bomstream_redis_subscribed_channels",
+            "Interest mode: BOM channels whose subscription Redis has confirmed.",
+            registry=r,
+        )
+        self.redis_subscription_commands = Counter(
+            "bomstream_redis_subscription_commands",
+            "Interest mode: (S)SUBSCRIBE and (S)UNSUBSCRIBE commands sent"
+            " (each names many channels).",
+            ["command"],
+            registry=r,
+        )
+        self.redis_subscription_changes = Counter(
+            "bomstream_redis_subscription_changes",
+            "Interest mode: channels asked to be subscribed or unsubscribed.",
+            ["change"],
+            registry=r,
+        )
+        self.redis_resyncs = Counter(
+            "bomstream_redis_resyncs",
+            "BOMs whose open streams waited while their lapsed subscription came back:"
+            " filled from history, or unfilled (history could not be read).",
+            ["result"],
+            registry=r,
+        )
+        self.redis_shard_connected = Gauge(
+            "bomstream_redis_shard_connected",
+            "Redis Cluster: 1 while this node's subscription connection is up.",
+            ["node"],
+            registry=r,
+        )
+        self.redis_cluster_refreshes = Counter(
+            "bomstream_redis_cluster_refreshes",
+            "Redis Cluster: slot map reads.",
+            registry=r,
+        )
         self.auth_failures = Counter(
             "bomstream_auth_failures", "Rejected credentials, by reason.", ["reason"], registry=r
         )

@@ -5,7 +5,9 @@ gateway expects it: validated by the gateway's own :func:`parse_event`
 (a bad event raises :class:`EventRejected` before anything is sent), an
 ``event_id`` assigned when missing, and, with Redis history on, appended to
 the BOM's history and PUBLISHed in one atomic script, so a retried call with
-the same ``event_id`` is stored and delivered once::
+the same ``event_id`` is stored and delivered once. On a Redis Cluster
+(``redis.cluster = true``) the same goes through the cluster client, with
+SPUBLISH to the BOM's shard channel and history keys in that channel's slot::
 
     from bomstream.publisher import Publisher
 
@@ -27,13 +29,20 @@ from typing import Any, Self
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ConstantBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry as SyncRetry
 
 from bomstream.config import DEFAULT_TERMINAL_TYPES, Config, ConfigError, load_config
 from bomstream.events import Event, EventRejected, is_safe_event_id, is_valid_bom_id, parse_event
-from bomstream.history.redis_scripts import APPEND_AND_PUBLISH, ids_key, stream_key
+from bomstream.history.redis_scripts import (
+    APPEND_AND_PUBLISH,
+    APPEND_AND_SPUBLISH,
+    ids_key,
+    stream_key,
+)
 
 __all__ = ["AsyncPublisher", "EventRejected", "Published", "Publisher", "prepare_event"]
 
@@ -104,6 +113,8 @@ class PublishSettings:
     max_event_bytes: int = 65536
     terminal_types: tuple[str, ...] = DEFAULT_TERMINAL_TYPES
     timeout_s: float = 5.0
+    # Redis Cluster: SPUBLISH, and history keys hash-tagged with the channel.
+    cluster: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> PublishSettings:
@@ -117,7 +128,12 @@ class PublishSettings:
             retention_s=cfg.buffer.retention_s,
             max_event_bytes=cfg.limits.max_event_bytes,
             terminal_types=cfg.events.terminal_types,
+            cluster=cfg.redis.cluster,
         )
+
+    @property
+    def script(self) -> str:
+        return APPEND_AND_SPUBLISH if self.cluster else APPEND_AND_PUBLISH
 
     def prepare(self, bom_id: str, event: Mapping[str, Any]) -> Event:
         return prepare_event(
@@ -128,14 +144,10 @@ class PublishSettings:
         )
 
     def script_call(self, ev: Event, prefix: str) -> tuple[list[str], list[Any]]:
-        keys = [stream_key(prefix, ev.bom_id), ids_key(prefix, ev.bom_id)]
-        args = [
-            ev.event_id,
-            ev.data,
-            self.events_per_bom,
-            int(self.retention_s * 1000),
-            self.channel_prefix + ev.bom_id,
-        ]
+        channel = self.channel_prefix + ev.bom_id
+        tag = channel if self.cluster else None
+        keys = [stream_key(prefix, ev.bom_id, tag), ids_key(prefix, ev.bom_id, tag)]
+        args = [ev.event_id, ev.data, self.events_per_bom, int(self.retention_s * 1000), channel]
         return keys, args
 
 
@@ -156,6 +168,7 @@ class _PublisherBase:
         max_event_bytes: int = 65536,
         terminal_types: tuple[str, ...] = DEFAULT_TERMINAL_TYPES,
         timeout_s: float = 5.0,
+        cluster: bool = False,
     ) -> None:
         self.settings = PublishSettings(
             redis_url,
@@ -166,6 +179,7 @@ class _PublisherBase:
             max_event_bytes,
             tuple(terminal_types),
             timeout_s,
+            cluster,
         )
 
     @classmethod
@@ -188,14 +202,21 @@ class Publisher(_PublisherBase):
     def __init__(self, redis_url: str, **options: Any) -> None:
         super().__init__(redis_url, **options)
         s = self.settings
-        self._client = redis.Redis.from_url(
-            s.redis_url,
-            socket_connect_timeout=s.timeout_s,
-            socket_timeout=s.timeout_s,
-            retry_on_error=RETRY_ON,
-            retry=SYNC_RETRY,
-        )
-        self._script = self._client.register_script(APPEND_AND_PUBLISH)
+        self._client: redis.Redis | RedisCluster
+        if s.cluster:
+            # Follows MOVED and failovers itself, re-reading the slot map.
+            self._client = RedisCluster.from_url(
+                s.redis_url, socket_connect_timeout=s.timeout_s, socket_timeout=s.timeout_s
+            )
+        else:
+            self._client = redis.Redis.from_url(
+                s.redis_url,
+                socket_connect_timeout=s.timeout_s,
+                socket_timeout=s.timeout_s,
+                retry_on_error=RETRY_ON,
+                retry=SYNC_RETRY,
+            )
+        self._script = self._client.register_script(s.script)
 
     def publish(self, bom_id: str, event: Mapping[str, Any]) -> Published:
         """Validate, then send. Raises :class:`EventRejected` (nothing sent) or a
@@ -206,7 +227,10 @@ class Publisher(_PublisherBase):
         """Send an event already checked by :func:`prepare_event`."""
         prefix = self.settings.history_key_prefix
         if prefix is None:
-            receivers = self._client.publish(self._channel(ev), ev.data)
+            if isinstance(self._client, RedisCluster):
+                receivers = self._client.spublish(self._channel(ev), ev.data)
+            else:
+                receivers = self._client.publish(self._channel(ev), ev.data)
             return Published(ev.event_id, duplicate=False, receivers=int(receivers))
         keys, args = self.settings.script_call(ev, prefix)
         return _published(ev, self._script(keys=keys, args=args))
@@ -227,14 +251,20 @@ class AsyncPublisher(_PublisherBase):
     def __init__(self, redis_url: str, **options: Any) -> None:
         super().__init__(redis_url, **options)
         s = self.settings
-        self._client = aioredis.Redis.from_url(
-            s.redis_url,
-            socket_connect_timeout=s.timeout_s,
-            socket_timeout=s.timeout_s,
-            retry_on_error=RETRY_ON,
-            retry=ASYNC_RETRY,
-        )
-        self._script = self._client.register_script(APPEND_AND_PUBLISH)
+        self._client: aioredis.Redis | AsyncRedisCluster
+        if s.cluster:
+            self._client = AsyncRedisCluster.from_url(
+                s.redis_url, socket_connect_timeout=s.timeout_s, socket_timeout=s.timeout_s
+            )
+        else:
+            self._client = aioredis.Redis.from_url(
+                s.redis_url,
+                socket_connect_timeout=s.timeout_s,
+                socket_timeout=s.timeout_s,
+                retry_on_error=RETRY_ON,
+                retry=ASYNC_RETRY,
+            )
+        self._script = self._client.register_script(s.script)
 
     async def publish(self, bom_id: str, event: Mapping[str, Any]) -> Published:
         return await self.publish_event(self.settings.prepare(bom_id, event))
@@ -242,7 +272,10 @@ class AsyncPublisher(_PublisherBase):
     async def publish_event(self, ev: Event) -> Published:
         prefix = self.settings.history_key_prefix
         if prefix is None:
-            receivers = await self._client.publish(self._channel(ev), ev.data)
+            if isinstance(self._client, AsyncRedisCluster):
+                receivers = await self._client.spublish(self._channel(ev), ev.data)
+            else:
+                receivers = await self._client.publish(self._channel(ev), ev.data)
             return Published(ev.event_id, duplicate=False, receivers=int(receivers))
         keys, args = self.settings.script_call(ev, prefix)
         return _published(ev, await self._script(keys=keys, args=args))

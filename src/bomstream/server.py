@@ -70,13 +70,15 @@ def make_app(cfg: Config, role: WorkerRole | None = None) -> web.Application:
     metrics = Metrics(multiprocess_dir=role.metrics_dir if role is not None else None)
     hub = Hub(cfg, metrics)
     history = make_backend(cfg, metrics)
-    recall = Recall(cfg, hub, metrics, history)
     broker: Broker
+    interest = None
     if cfg.redis.url:
-        broker = RedisBroker(cfg, hub, metrics, record=history.record if history else None)
+        redis_broker = RedisBroker(cfg, hub, metrics, record=history.record if history else None)
+        broker, interest = redis_broker, redis_broker.interest
     else:
         broker = MemoryBroker(hub)
-    tickets = make_ticket_store(cfg.redis.url, cfg.auth.ticket_ttl_s)
+    recall = Recall(cfg, hub, metrics, history, watcher=interest)
+    tickets = make_ticket_store(cfg.redis.url, cfg.auth.ticket_ttl_s, cfg.redis.cluster)
     auth = Authenticator(cfg, metrics, tickets)
     gw = Gateway(
         cfg=cfg,
@@ -166,6 +168,7 @@ def listening_fields(cfg: Config) -> dict[str, str]:
     """What the ``bomstream listening`` line says besides the address."""
     return {
         "broker": "redis" if cfg.redis.url else "embedded",
+        "subscribe": cfg.redis.subscribe_mode if cfg.redis.url else "-",
         "history": cfg.history_backend,
         "auth": "open" if cfg.open_mode else "token",
     }

@@ -75,7 +75,9 @@ async def _admit(request: web.Request, gw: Gateway) -> tuple[str, Principal, str
     after = last_event_id(request)
     # A BOM this instance cannot answer for alone is loaded from shared
     # history first; every decision below is then the buffer's, as always.
-    await gw.recall.ensure(bom_id)
+    # False: interest mode, and the BOM's Redis subscription cannot be made.
+    if not await gw.recall.ensure(bom_id):
+        raise _refuse(503, "broker_unavailable", "the event feed is down; retry shortly", True)
     access = hub.check_access(bom_id, principal, after)
     if access == "forbidden":
         raise _refuse(403, "forbidden", "this BOM belongs to another organization")

@@ -21,7 +21,8 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from bomstream.principal import Principal
 
@@ -114,16 +115,22 @@ class MemoryTicketStore:
 
 
 class RedisTicketStore:
-    def __init__(self, url: str, ttl_s: float) -> None:
+    def __init__(self, url: str, ttl_s: float, cluster: bool = False) -> None:
         self.ttl_s = ttl_s
         self._url = url
-        self._client: aioredis.Redis | None = None
+        self._cluster = cluster
+        self._client: aioredis.Redis | RedisCluster | None = None
 
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self) -> aioredis.Redis | RedisCluster:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self._url, socket_connect_timeout=CONNECT_TIMEOUT_S
-            )
+            if self._cluster:
+                self._client = RedisCluster.from_url(
+                    self._url, socket_connect_timeout=CONNECT_TIMEOUT_S
+                )
+            else:
+                self._client = aioredis.Redis.from_url(
+                    self._url, socket_connect_timeout=CONNECT_TIMEOUT_S
+                )
         return self._client
 
     async def issue(self, bom_id: str, principal: Principal) -> str:
@@ -141,7 +148,7 @@ class RedisTicketStore:
                 orjson.dumps(record),
                 px=max(1, int(self.ttl_s * 1000)),
             )
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise TicketStoreUnavailable from exc
         return ticket
 
@@ -149,7 +156,7 @@ class RedisTicketStore:
         try:
             # GETDEL makes redemption atomic across every instance sharing Redis.
             raw = await self._redis().getdel(REDIS_KEY_PREFIX + _digest(ticket))
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise TicketStoreUnavailable from exc
         if raw is None:
             raise TicketRejected
@@ -169,7 +176,7 @@ class RedisTicketStore:
             self._client = None
 
 
-def make_ticket_store(redis_url: str, ttl_s: float) -> TicketStore:
+def make_ticket_store(redis_url: str, ttl_s: float, cluster: bool = False) -> TicketStore:
     if redis_url:
-        return RedisTicketStore(redis_url, ttl_s)
+        return RedisTicketStore(redis_url, ttl_s, cluster)
     return MemoryTicketStore(ttl_s)

@@ -13,7 +13,12 @@ from bomstream.events import Event
 
 
 class HistoryError(Exception):
-    """The history server could not answer (down, timed out, refused)."""
+    """The history server could not answer (down, timed out, refused).
+    ``scoped``: only this BOM's part of it (one Redis Cluster node), not all of history."""
+
+    def __init__(self, message: str, *, scoped: bool = False) -> None:
+        super().__init__(message)
+        self.scoped = scoped
 
 
 class HistoryBackend(Protocol):

@@ -12,6 +12,13 @@ Concurrent requests for one BOM share one read (a reconnect herd to a fresh
 instance costs one history read), each read is bounded in rows and time, and
 a history server that fails is left alone for a moment so that requests
 carry on from the buffer instead of waiting on it.
+
+With interest subscriptions a :class:`Watcher` comes first: ``ensure``
+holds interest in the BOM and waits until Redis has confirmed its
+subscription, and only then reads history, so that everything published
+before the subscription took effect is in what is read and everything after
+it arrives live. When a lapsed subscription comes back, the watcher calls
+:meth:`Recall.resync`, which reads history again for the streams waiting on it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from typing import Literal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Literal, Protocol
 
 from bomstream.config import Config
 from bomstream.eventloop import raise_if_cancelled
@@ -42,11 +51,37 @@ PING_INTERVAL_S = 5.0
 # (a page opened before its job starts polls every few seconds).
 EMPTY_TTL_S = 1.0
 EMPTY_CACHE_SIZE = 10000
+# Re-reads after lapsed subscriptions in flight at once (a feed reconnect
+# re-reads every watched BOM that has open streams).
+RESYNC_READS = 32
+RESYNC_RETRY_S = (0.25, 0.5, 1.0)
+# Reads again at most this often in a row when the subscription keeps lapsing.
+MAX_REREADS = 3
+
+
+class Watcher(Protocol):
+    """Interest subscriptions (bomstream.feeds.interest.Interest)."""
+
+    on_live: Callable[[str], None]
+
+    def hold(self, bom_id: str) -> AbstractAsyncContextManager[bool]:
+        """Keep the BOM watched while a request works on it; yields once its
+        subscription is live (False: it cannot be)."""
+        ...
+
+    def epoch(self, bom_id: str) -> int:
+        """Changes whenever the BOM's subscription becomes live; -1 while it is not."""
+        ...
 
 
 class Recall:
     def __init__(
-        self, cfg: Config, hub: Hub, metrics: Metrics, backend: HistoryBackend | None
+        self,
+        cfg: Config,
+        hub: Hub,
+        metrics: Metrics,
+        backend: HistoryBackend | None,
+        watcher: Watcher | None = None,
     ) -> None:
         self._cfg = cfg
         self._hub = hub
@@ -60,7 +95,11 @@ class Recall:
         self._up = backend is not None
         self._drops = DropReporter(log, "history")
         self._terminal = frozenset(cfg.events.terminal_types)
+        self._watcher = watcher
+        self._resync_slots = asyncio.Semaphore(RESYNC_READS)
         self.reads = 0
+        if watcher is not None:
+            watcher.on_live = self.resync
 
     @property
     def status(self) -> Status:
@@ -68,28 +107,88 @@ class Recall:
             return "disabled"
         return "ok" if self._up else "down"
 
-    async def ensure(self, bom_id: str) -> None:
+    async def ensure(self, bom_id: str) -> bool:
         """Make the hub's buffer able to answer for ``bom_id``. Never raises for
-        history trouble: when history cannot answer, the buffer answers alone."""
+        history trouble: when history cannot answer, the buffer answers alone.
+        False only with interest subscriptions, when the BOM's cannot be made
+        live (its Redis connection is down): a stream must not open then."""
+        if self._watcher is None:
+            await self._ensure_loaded(bom_id)
+            return True
+        # Interest is held through the history read, so a slow read cannot
+        # outlast the grace and lose the subscription it was made for.
+        async with self._watcher.hold(bom_id) as live:
+            if live:
+                await self._ensure_loaded(bom_id)
+        return live
+
+    async def _ensure_loaded(self, bom_id: str) -> None:
         if self._backend is None or not self._hub.needs_history(bom_id):
             return
         now = time.monotonic()
         if now < self._down_until:
             return
-        if not self._hub.knows(bom_id):
+        if self._watcher is None and not self._hub.knows(bom_id):
             seen = self._empty.get(bom_id)
             if seen is not None and now - seen < EMPTY_TTL_S:
                 return
-        load = self._loads.get(bom_id)
-        if load is None:
-            load = asyncio.create_task(self._load(bom_id), name="history-read")
-            self._loads[bom_id] = load
         # One waiter going away (a client disconnect) must not cancel the
         # read the others wait on.
-        await asyncio.shield(load)
+        await asyncio.shield(self._start_load(bom_id))
 
-    async def _load(self, bom_id: str) -> None:
+    def resync(self, bom_id: str) -> None:
+        """Read history again for a BOM whose lapsed subscription is back and
+        whose open streams wait for what they missed."""
+        if self._backend is None or time.monotonic() < self._down_until:
+            self._hub.end_resync(bom_id)
+            return
+        self._start_load(bom_id, background=True)
+
+    def _start_load(self, bom_id: str, background: bool = False) -> asyncio.Task[None]:
+        load = self._loads.get(bom_id)
+        if load is None:
+            load = asyncio.create_task(self._load(bom_id, background), name="history-read")
+            self._loads[bom_id] = load
+            if background:
+                load.add_done_callback(_report_failure)
+        return load
+
+    async def _load(self, bom_id: str, background: bool = False) -> None:
+        try:
+            if background:
+                # Streams wait on this one: a read that fails is tried again a
+                # little later before they are given up on.
+                async with self._resync_slots:
+                    await self._attempts(bom_id, RESYNC_RETRY_S)
+            else:
+                await self._attempts(bom_id, ())
+        finally:
+            self._loads.pop(bom_id, None)
+
+    async def _attempts(self, bom_id: str, delays: tuple[float, ...]) -> None:
+        retries = iter(delays)
+        rereads = 0
+        while True:
+            outcome = await self._read_and_merge(bom_id)
+            if outcome == "done":
+                return
+            if outcome == "again":
+                rereads += 1
+                if rereads <= MAX_REREADS:
+                    continue
+                self._hub.end_resync(bom_id)
+                return
+            delay = next(retries, None)
+            if delay is None or not self._hub.resyncing(bom_id):
+                # The streams waiting (if any) get their held-back events now.
+                self._hub.end_resync(bom_id)
+                return
+            await asyncio.sleep(delay)
+
+    async def _read_and_merge(self, bom_id: str) -> Literal["done", "failed", "again"]:
+        """``again``: the subscription lapsed and came back during the read."""
         assert self._backend is not None
+        epoch = self._watcher.epoch(bom_id) if self._watcher is not None else 0
         started = time.perf_counter()
         self.reads += 1
         try:
@@ -97,17 +196,29 @@ class Recall:
                 rows = await self._backend.read(bom_id, self._limit)
         except (HistoryError, TimeoutError) as exc:
             self._metrics.history_reads.labels("error").inc()
-            self._set_down(str(exc) or type(exc).__name__)
-            return
+            if not (isinstance(exc, HistoryError) and exc.scoped):
+                self._set_down(str(exc) or type(exc).__name__)
+            return "failed"
         finally:
             self._metrics.history_read_seconds.observe(time.perf_counter() - started)
-            self._loads.pop(bom_id, None)
         self._set_up()
         events = self._parse(bom_id, rows)
         self._metrics.history_reads.labels("hit" if events else "miss").inc()
         if not events and not self._hub.knows(bom_id):
             self._remember_empty(bom_id)
-        self._hub.merge_history(bom_id, events)
+        watcher = self._watcher
+        if watcher is None:
+            self._hub.merge_history(bom_id, events)
+            return "done"
+        steady = epoch >= 0 and watcher.epoch(bom_id) == epoch
+        self._hub.merge_history(bom_id, events, complete=steady)
+        if steady:
+            return "done"
+        # The subscription lapsed around the read: events published in the gap
+        # may be missing from it. Read again once it is live (now, or when the
+        # watcher says so through resync).
+        self._hub.begin_resync(bom_id)
+        return "again" if watcher.epoch(bom_id) >= 0 else "done"
 
     def _parse(self, bom_id: str, rows: list[bytes]) -> list[Event]:
         out = []
@@ -179,3 +290,9 @@ class Recall:
                 await load
         if self._backend is not None:
             await self._backend.close()
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    """A background re-read has no request to fail; a bug in it still shows."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("history re-read failed", exc_info=exc)

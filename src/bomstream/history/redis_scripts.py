@@ -10,6 +10,13 @@ never disagree.
 
 KEYS[1] stream, KEYS[2] ids hash; ARGV[1] event_id, ARGV[2] JSON,
 ARGV[3] cap, ARGV[4] ttl in ms, ARGV[5] channel (publish only).
+
+On a Redis Cluster a script may touch only keys of one hash slot, and
+SPUBLISH only a channel of that slot. So there the key names carry the
+BOM's shard channel as a hash tag, ``<key_prefix>{<channel_prefix><bom_id>}``
+and ``...:ids`` (e.g. ``enrichment-history:{enrichment:bom-1}``): Redis
+hashes only what is between the braces, which is the channel's own name.
+Without a cluster the names stay ``<key_prefix><bom_id>`` and ``...:ids``.
 """
 
 from __future__ import annotations
@@ -36,23 +43,26 @@ return entry
 # Returns the new entry id, or '' when the event_id was stored already.
 APPEND = "local function append()" + _APPEND_BODY + "end\nreturn append()\n"
 
-# Returns {entry id or '', subscribers reached}; a repeat is not published again.
-APPEND_AND_PUBLISH = (
-    "local function append()"
-    + _APPEND_BODY
-    + "end\n"
-    + """local entry = append()
+
+def _append_and(publish: str) -> str:
+    """Returns {entry id or '', subscribers reached}; a repeat is not published again."""
+    tail = f"""local entry = append()
 if entry == '' then
-  return {'', 0}
+  return {{'', 0}}
 end
-return {entry, redis.call('PUBLISH', ARGV[5], ARGV[2])}
+return {{entry, redis.call('{publish}', ARGV[5], ARGV[2])}}
 """
-)
+    return "local function append()" + _APPEND_BODY + "end\n" + tail
 
 
-def stream_key(key_prefix: str, bom_id: str) -> str:
-    return key_prefix + bom_id
+APPEND_AND_PUBLISH = _append_and("PUBLISH")
+APPEND_AND_SPUBLISH = _append_and("SPUBLISH")
 
 
-def ids_key(key_prefix: str, bom_id: str) -> str:
-    return key_prefix + bom_id + ":ids"
+def stream_key(key_prefix: str, bom_id: str, tag: str | None = None) -> str:
+    """``tag``: the BOM's shard channel, on a Redis Cluster."""
+    return key_prefix + ("{" + tag + "}" if tag is not None else bom_id)
+
+
+def ids_key(key_prefix: str, bom_id: str, tag: str | None = None) -> str:
+    return stream_key(key_prefix, bom_id, tag) + ":ids"

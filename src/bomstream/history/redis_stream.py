@@ -13,7 +13,10 @@ next. So when any instance first appends an event B, it has already
 appended (or found stored) every event published before B; no instance can
 store B ahead of them.
 
-The connection is its own, never the subscription's.
+The connection is its own, never the subscription's. On a Redis Cluster it
+is redis-py's cluster client, and the keys are the hash-tagged names of
+:mod:`bomstream.history.redis_scripts`; there (interest mode) history is
+written at publication, so this only reads.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import logging
 from collections import deque
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bomstream.config import Config
@@ -54,14 +58,25 @@ class RedisStreamHistory:
         self._ttl_ms = int(cfg.buffer.retention_s * 1000)
         self._timeout = cfg.history.timeout_s
         self._metrics = metrics
-        self._client = aioredis.Redis.from_url(
-            cfg.redis.url,
-            socket_connect_timeout=cfg.history.timeout_s,
-            socket_timeout=cfg.history.timeout_s,
-            # Reads and store-once appends are safe to retry on a fresh connection.
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            retry=Retry(ConstantBackoff(0.05), retries=1),
-        )
+        # On a cluster, the shard channel is the hash tag of the keys.
+        self._tag_prefix = cfg.redis.channel_prefix if cfg.redis.cluster else None
+        self._client: aioredis.Redis | RedisCluster
+        if cfg.redis.cluster:
+            self._client = RedisCluster.from_url(
+                cfg.redis.url,
+                require_full_coverage=False,
+                socket_connect_timeout=cfg.history.timeout_s,
+                socket_timeout=cfg.history.timeout_s,
+            )
+        else:
+            self._client = aioredis.Redis.from_url(
+                cfg.redis.url,
+                socket_connect_timeout=cfg.history.timeout_s,
+                socket_timeout=cfg.history.timeout_s,
+                # Reads and store-once appends are safe to retry on a fresh connection.
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
+                retry=Retry(ConstantBackoff(0.05), retries=1),
+            )
         self._append = self._client.register_script(APPEND)
         self._queue: deque[Event] = deque()
         self._wake = asyncio.Event()
@@ -70,13 +85,18 @@ class RedisStreamHistory:
     def name(self) -> str:
         return "redis"
 
+    def _keys(self, bom_id: str) -> list[str]:
+        tag = None if self._tag_prefix is None else self._tag_prefix + bom_id
+        return [stream_key(self._prefix, bom_id, tag), ids_key(self._prefix, bom_id, tag)]
+
     async def read(self, bom_id: str, limit: int) -> list[bytes]:
         try:
-            entries = await self._client.xrevrange(
-                stream_key(self._prefix, bom_id), "+", "-", count=limit
-            )
-        except (RedisError, OSError) as exc:
-            raise HistoryError(f"redis: {type(exc).__name__}") from None
+            entries = await self._client.xrevrange(self._keys(bom_id)[0], "+", "-", count=limit)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # On a cluster one node failing is not all of history failing.
+            raise HistoryError(
+                f"redis: {type(exc).__name__}", scoped=self._tag_prefix is not None
+            ) from None
         out: list[bytes] = []
         for _entry, fields in reversed(entries or []):
             data = fields.get(b"d") if fields else None
@@ -92,9 +112,20 @@ class RedisStreamHistory:
         self._wake.set()
 
     async def ping(self) -> None:
+        client = self._client
         try:
-            await self._client.ping()
-        except (RedisError, OSError) as exc:
+            if not isinstance(client, RedisCluster):
+                await client.ping()
+                return
+            # Up while any primary answers: one node down is not history down.
+            await client.initialize()
+            replies = await asyncio.gather(
+                *(client.execute_command("PING", target_nodes=n) for n in client.get_primaries()),
+                return_exceptions=True,
+            )
+            if not any(r is True for r in replies):
+                raise RedisConnectionError("no primary answers")
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise HistoryError(f"redis: {type(exc).__name__}") from None
 
     async def run(self) -> None:
@@ -128,15 +159,18 @@ class RedisStreamHistory:
             self._metrics.history_writes.labels("duplicate").inc(len(results) - stored)
 
     async def _write(self, batch: list[Event]) -> list[bytes]:
+        client = self._client
+        # Only pattern mode records feed events, and a cluster implies interest mode.
+        assert isinstance(client, aioredis.Redis)
         # The pipeline as a context: cancelled half way (shutdown), it still
         # gives its connection back to the pool.
         async with (
             asyncio.timeout(self._timeout),
-            self._client.pipeline(transaction=False) as pipe,
+            client.pipeline(transaction=False) as pipe,
         ):
             for ev in batch:
                 await self._append(
-                    keys=[stream_key(self._prefix, ev.bom_id), ids_key(self._prefix, ev.bom_id)],
+                    keys=self._keys(ev.bom_id),
                     args=[ev.event_id, ev.data, self._cap, self._ttl_ms],
                     client=pipe,
                 )
