@@ -215,6 +215,11 @@ class ClusterFeed:
     async def _maintain(self) -> None:
         failures = 0
         while True:
+            # redis-py can swallow a cancellation that lands mid-command and
+            # return normally; this loop must still end when it is cancelled.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             self._wake.clear()
             try:
                 await self._read_map()
