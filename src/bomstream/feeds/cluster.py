@@ -118,6 +118,7 @@ class ClusterFeed:
         self._stale = True
         self._wake = asyncio.Event()
         self._refusals = 0
+        self._closing = False
         interest.router = self
 
     @property
@@ -153,6 +154,8 @@ class ClusterFeed:
     # -- routing (Router) ------------------------------------------------------
 
     def link_for(self, channel: bytes) -> Link | None:
+        if self._closing:
+            return None  # shutting down: no new node connections
         node = self._owner(channel)
         if node is None:
             return None
@@ -203,6 +206,7 @@ class ClusterFeed:
         try:
             await self._maintain()
         finally:
+            self._closing = True
             tasks = [n.task for n in self._nodes.values() if n.task is not None]
             tasks.extend(self._retired)
             self._nodes.clear()
