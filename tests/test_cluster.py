@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -222,6 +223,11 @@ async def test_events_reach_streams_through_sharded_pub_sub_and_history_is_in_th
         assert (await SSEStream(resp).next_event()).event == "connected"  # type: ignore[union-attr]
     async with http.get(url) as resp:
         assert resp.status == 401
+    # SIGTERM stops a cluster-mode gateway cleanly, and nothing connects again
+    # once shutdown has begun.
+    other.signal(signal.SIGTERM)
+    assert await other.wait(15) == 0
+    assert "connected" not in other.log_text().split("shutting down", 1)[1]
     await eventually(
         lambda: asyncio.to_thread(
             lambda: sum(shard_subscribers(cluster.owner(f"enrichment:{b}"), b) for b in boms)

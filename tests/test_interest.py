@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import signal
 import time
 
 import aiohttp
@@ -117,6 +118,8 @@ async def test_a_bom_is_subscribed_while_streamed_and_released_a_grace_after_the
             await pub.publish("bom-w", event("bom-w", 5))
             assert (await s.next_event()).id == "bom-w-e5"  # type: ignore[union-attr]
     samples = await scrape(http, g.url)
+    g.signal(signal.SIGTERM)
+    assert await g.wait(15) == 0
     assert value(samples, "bomstream_history_reads_total", result="hit") == 1
     assert value(samples, "bomstream_history_reads_total", result="miss") == 1
     assert value(samples, "bomstream_redis_subscription_commands_total", command="subscribe") == 2

@@ -118,6 +118,7 @@ class ClusterFeed:
         self._stale = True
         self._wake = asyncio.Event()
         self._refusals = 0
+        self._closing = False
         interest.router = self
 
     @property
@@ -153,6 +154,8 @@ class ClusterFeed:
     # -- routing (Router) ------------------------------------------------------
 
     def link_for(self, channel: bytes) -> Link | None:
+        if self._closing:
+            return None  # shutting down: no new node connections
         node = self._owner(channel)
         if node is None:
             return None
@@ -203,6 +206,7 @@ class ClusterFeed:
         try:
             await self._maintain()
         finally:
+            self._closing = True
             tasks = [n.task for n in self._nodes.values() if n.task is not None]
             tasks.extend(self._retired)
             self._nodes.clear()
@@ -215,6 +219,11 @@ class ClusterFeed:
     async def _maintain(self) -> None:
         failures = 0
         while True:
+            # redis-py can swallow a cancellation that lands mid-command and
+            # return normally; this loop must still end when it is cancelled.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             self._wake.clear()
             try:
                 await self._read_map()
