@@ -1,8 +1,9 @@
 """Interest subscriptions: a BOM's channel is subscribed while someone here watches it.
 
-A BOM is watched while it has an open stream, while a request for it (stream,
-poll, ticket) is waiting, and for ``redis.unsubscribe_grace_s`` after its last
-stream left or its last request was answered. Then it is unsubscribed.
+A BOM is watched while it has an open stream, while a request for it
+(stream, poll, ticket) is being answered, and for ``redis.unsubscribe_grace_s``
+after its last stream left or its last request was answered. Then it is
+unsubscribed.
 
 Catch-up without a gap or a double: a request waits until Redis has confirmed
 the subscription, and only then is history read. Whatever was published
@@ -103,10 +104,6 @@ class Interest:
         self.router: Router | None = None
         # Called when a BOM whose open streams wait for a re-sync is live again.
         self.on_live: Callable[[str], None] = _nothing
-
-    @property
-    def subscribed(self) -> int:
-        return self._live
 
     def channel(self, bom_id: str) -> bytes:
         return self._prefix + bom_id.encode()
