@@ -160,8 +160,9 @@ class RedisStreamHistory:
         client = self._client
         # Only pattern mode records feed events, and a cluster implies interest mode.
         assert isinstance(client, aioredis.Redis)
-        async with asyncio.timeout(self._timeout):
-            pipe = client.pipeline(transaction=False)
+        # The pipeline is reset on the way out even when Redis went away mid-way,
+        # so it never holds on to a connection (nor warns when collected).
+        async with asyncio.timeout(self._timeout), client.pipeline(transaction=False) as pipe:
             for ev in batch:
                 await self._append(
                     keys=self._keys(ev.bom_id),
