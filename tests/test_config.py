@@ -119,3 +119,42 @@ def test_bad_config_file_in_working_directory_stops_serve(tmp_path: Path) -> Non
 def test_documented_config_file_parses_to_the_defaults() -> None:
     root = Path(__file__).resolve().parent.parent
     assert load_config(root / "config.toml", env={}) == load_config(env={}, default_file=False)
+
+
+def test_subscription_mode_defaults_and_what_a_cluster_implies() -> None:
+    plain = load_config(env={"BOMSTREAM_REDIS_URL": "redis://h:1"}, default_file=False)
+    assert (plain.redis.subscribe_mode, plain.redis.unsubscribe_grace_s) == ("pattern", 30)
+    assert plain.redis.cluster is False
+    cluster = load_config(
+        env={"BOMSTREAM_REDIS_URL": "redis://h:7000", "BOMSTREAM_REDIS_CLUSTER": "true"},
+        default_file=False,
+    )
+    assert cluster.redis.subscribe_mode == "interest"
+    assert cluster.history_backend == "redis"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"BOMSTREAM_REDIS_SUBSCRIBE": "interest"}, "redis.subscribe: 'interest' needs redis.url"),
+        (
+            {"BOMSTREAM_REDIS_URL": "unix:///tmp/r.sock", "BOMSTREAM_REDIS_CLUSTER": "true"},
+            "redis.cluster: needs a redis:// or rediss:// URL",
+        ),
+        (
+            {
+                "BOMSTREAM_REDIS_URL": "redis://h:7000",
+                "BOMSTREAM_REDIS_CLUSTER": "true",
+                "BOMSTREAM_REDIS_CHANNEL_PREFIX": "{enrichment}:",
+            },
+            "redis.channel_prefix: must not contain { or }",
+        ),
+    ],
+)
+def test_unusable_cluster_and_interest_settings_name_their_key(
+    env: dict[str, str], needle: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env=env, default_file=False)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)

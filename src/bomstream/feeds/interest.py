@@ -1,8 +1,9 @@
 """Interest subscriptions: a BOM's channel is subscribed while someone here watches it.
 
-A BOM is watched while it has an open stream, while a request for it (stream,
-poll, ticket) is waiting, and for ``redis.unsubscribe_grace_s`` after its last
-stream left or its last request was answered. Then it is unsubscribed.
+A BOM is watched while it has an open stream, while a request for it
+(stream, poll, ticket) is being answered, and for ``redis.unsubscribe_grace_s``
+after its last stream left or its last request was answered. Then it is
+unsubscribed.
 
 Catch-up without a gap or a double: a request waits until Redis has confirmed
 the subscription, and only then is history read. Whatever was published
@@ -17,7 +18,8 @@ is told at once, so the next request re-reads history, and open streams wait
 history has filled in what they missed.
 
 Changes are batched: everything decided in one event-loop iteration goes out
-as one command per connection (one per hash slot on a cluster node).
+as one command per connection (one per hash slot on a cluster node), and
+while changes keep coming, at most once every ``FLUSH_INTERVAL_S``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from bomstream.metrics import Metrics
 
 # The longest a request waits for Redis to confirm a new subscription.
 CONFIRM_WAIT_S = 5.0
+# Commands go out at most this often: the first change after a quiet spell
+# goes at once (next loop iteration), a burst of them waits and shares one.
+FLUSH_INTERVAL_S = 0.01
 
 
 class Router(Protocol):
@@ -98,15 +103,12 @@ class Interest:
         self._idle: OrderedDict[bytes, None] = OrderedDict()
         self._dirty: dict[bytes, Watch] = {}
         self._flush_handle: asyncio.Handle | None = None
+        self._flushed_at = 0.0
         self._live = 0
         self._epochs = 0
         self.router: Router | None = None
         # Called when a BOM whose open streams wait for a re-sync is live again.
         self.on_live: Callable[[str], None] = _nothing
-
-    @property
-    def subscribed(self) -> int:
-        return self._live
 
     def channel(self, bom_id: str) -> bytes:
         return self._prefix + bom_id.encode()
@@ -210,10 +212,16 @@ class Interest:
     def _mark(self, w: Watch) -> None:
         self._dirty[w.channel] = w
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            wait = self._flushed_at + FLUSH_INTERVAL_S - loop.time()
+            if wait > 0:
+                self._flush_handle = loop.call_later(wait, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
+        self._flushed_at = asyncio.get_running_loop().time()
         dirty, self._dirty = self._dirty, {}
         assert self.router is not None
         now = time.monotonic()

@@ -162,8 +162,8 @@ class RedisStreamHistory:
         client = self._client
         # Only pattern mode records feed events, and a cluster implies interest mode.
         assert isinstance(client, aioredis.Redis)
-        # The pipeline as a context: cancelled half way (shutdown), it still
-        # gives its connection back to the pool.
+        # The pipeline as a context: cancelled half way (shutdown) or with Redis
+        # gone mid-batch, it is reset and gives its connection back to the pool.
         async with (
             asyncio.timeout(self._timeout),
             client.pipeline(transaction=False) as pipe,
