@@ -68,10 +68,10 @@ async def conduct(opts: LoadOptions, streams: Streams) -> Report:
 
 
 async def _phases(opts: LoadOptions, streams: Streams, line: ProgressLine | None) -> Report:
-    pid = opts.gateway_pid
+    pids = opts.gateway_pids
 
     def sample() -> procstat.ProcSample | None:
-        return procstat.sample(pid) if pid else None
+        return procstat.sample_sum(pids) if pids else None
 
     def phase(name: str) -> None:
         if line is not None:
@@ -114,5 +114,5 @@ async def _phases(opts: LoadOptions, streams: Streams, line: ProgressLine | None
         publish,
         parts,
         drain_s=drain_s,
-        gateway=GatewayUsage.of(pid, before, connected, held, pub_start, pub_end),
+        gateway=GatewayUsage.of(pids, before, connected, held, pub_start, pub_end),
     )

@@ -86,7 +86,8 @@ class Report:
         }
         if gateway is not None:
             g: dict[str, Any] = {
-                "pid": gateway.pid,
+                "pid": gateway.pids[0],
+                "pids": list(gateway.pids),
                 "rss_kb_before": gateway.rss_kb_before,
                 "rss_kb_connected": gateway.rss_kb_connected,
                 "rss_kb_held": gateway.rss_kb_held,
