@@ -81,8 +81,6 @@ class StreamSplit(threading.Thread):
         self.url, self.workers, self.connections = url, workers, connections
         self.counts: dict[int, int] = {}
         self.done = threading.Event()
-        # When every stream was seen open: publishing starts a hold after it.
-        self.complete_at: float | None = None
 
     def run(self) -> None:
         while not self.done.is_set():
@@ -90,7 +88,6 @@ class StreamSplit(threading.Thread):
             if body is not None:
                 self.counts[int(body.get("worker") or 0)] = int(body["streams"])
                 if len(self.counts) == self.workers and self.total() >= self.connections:
-                    self.complete_at = time.monotonic()
                     return
             self.done.wait(0.2)
 
@@ -123,7 +120,8 @@ class MachineCPU(threading.Thread):
         with open("/proc/stat") as fh:
             ticks = [int(x) for x in fh.readline().split()[1:]]
         idle = ticks[3] + ticks[4]  # idle and iowait
-        self.samples.append((time.monotonic(), sum(ticks) - idle, sum(ticks)))
+        # Wall-clock time, to match the window the load client reports.
+        self.samples.append((time.time(), sum(ticks) - idle, sum(ticks)))
 
     def busy_cores(self, start: float, end: float) -> float | None:
         """Cores in use on average between the samples around ``start`` and ``end``."""
@@ -160,10 +158,8 @@ def once(redis_url: str, auth: list[str], workers: int, rate: int, shape: Shape)
         gw.stop()
         config.unlink()
     row = run.summarise("fanout", report)
-    busy = None
-    if split.complete_at is not None:
-        start = split.complete_at + shape.hold_s
-        busy = machine.busy_cores(start, start + shape.duration_s)
+    window = report["publish"]["measured_window_unix"]
+    busy = machine.busy_cores(*window) if window else None
     row.update(
         {
             "machine_busy_cores_publishing": busy,
