@@ -287,7 +287,7 @@ def readme_block(result: dict[str, Any]) -> str:
         f" {run.LOAD_CORE}. Medians; the ratio is the median of each run's own 2-to-1 ratio"
         " (range over the runs):",
         "",
-        "| events/s | gateway workers | deliveries/s | p50 ms | p99 ms | gateway CPU-s per 100k | busiest client process (CPU share) | cores busy (by neither gateway nor client) | lost |",  # noqa: E501
+        "| events/s | gateway workers | deliveries/s | p50 ms | p99 ms | gateway CPU-s per 100k | busiest client process (highest CPU share seen) | cores busy, all processes (not the gateway's or client's) | lost |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
 
