@@ -137,13 +137,16 @@ jwt_secret = "{JWT_SECRET}"
 
 
 class Gateway:
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(
+        self, config: Path, port: int, cpus: str = GATEWAY_CORE, args: tuple[str, ...] = ()
+    ) -> None:
+        """``args`` go after ``serve --config``; ``cpus`` is the ``taskset -c`` list."""
         self.config, self.port = config, port
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - the child process writes it
             prefix="bomstream-bench-gw-", suffix=".log", delete=False
         )
         self.proc = subprocess.Popen(
-            ["taskset", "-c", GATEWAY_CORE, sys.executable, "-m", "bomstream", "serve", "--config", str(config)],
+            ["taskset", "-c", cpus, sys.executable, "-m", "bomstream", "serve", "--config", str(config), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             preexec_fn=raise_nofile,
@@ -185,11 +188,14 @@ def loadtest(
     args: list[str],
     cpus: str = LOAD_CORE,
     connect_rate: int = CONNECT_RATE,
+    gateway_pids: list[int] | None = None,
 ) -> dict[str, Any]:
+    """``gateway_pids``: the processes to sample (default: the one started)."""
     out = Path(tempfile.mkstemp(prefix="bomstream-bench-", suffix=".json")[1])
+    sampled = [a for pid in gateway_pids or [gw.proc.pid] for a in ("--gateway-pid", str(pid))]
     cmd = [
         "taskset", "-c", cpus, sys.executable, "-m", "bomstream", "loadtest",
-        "--config", str(config), "--url", gw.url, "--gateway-pid", str(gw.proc.pid),
+        "--config", str(config), "--url", gw.url, *sampled,
         "--source-ips", str(SOURCE_IPS), "--connect-rate", str(connect_rate),
         "--json", str(out), "--no-progress", *auth, *args,
     ]  # fmt: skip

@@ -12,11 +12,15 @@
   events published continuously; a primary is failed over (CLUSTER FAILOVER
   on its replica) midway. Reports, per BOM, whether every event arrived
   exactly once and in order, and how long the moved shard's events paused.
+- ``workers``: ``serve --workers 2`` against one worker on the same two
+  cores, alternated in one run (bench/workers.py); ``--workers-rate R``
+  (repeatable) sets the event rates, default the one chosen for the README.
 
-The gateways run on core 0 (``taskset -c 0``); Redis, the publisher and the
-streams' client on core 1, as in bench/run.py.
+For intake and failover the gateways run on core 0 (``taskset -c 0``); Redis,
+the publisher and the streams' client on core 1, as in bench/run.py.
 
-    python bench/scaling.py [--repeat 3] [--readme] [--only intake|failover]
+    python bench/scaling.py [--repeat 3] [--readme] [--only intake|failover|workers]
+    python bench/scaling.py --only workers --workers-rate 300 --workers-rate 600 --repeat 1
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import run  # bench/run.py: the shared gateway, Redis and machine plumbing
+import workers  # bench/workers.py: the 1-against-2 workers scenario
 from tests.redis_cluster import RedisClusterProcesses
 
 from bomstream.publisher import AsyncPublisher
@@ -362,7 +367,15 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", choices=("intake", "failover"), action="append")
+    parser.add_argument("--only", choices=("intake", "failover", "workers"), action="append")
+    parser.add_argument(
+        "--workers-rate",
+        type=int,
+        action="append",
+        metavar="R",
+        help=f"events/s of the workers scenario (default {workers.DEFAULT_RATE})",
+    )
+    parser.add_argument("--out", type=Path, help="results file (default scaling-<date>.json)")
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="only render an earlier results file"
@@ -377,7 +390,7 @@ def main() -> int:
     # The publisher and the streams' client share core 1 with Redis.
     subprocess.run(["taskset", "-cp", run.LOAD_CORE, str(os.getpid())],
                    check=True, capture_output=True)  # fmt: skip
-    chosen = args.only or ["intake", "failover"]
+    chosen = args.only or ["intake", "failover", "workers"]
     now = dt.datetime.now(dt.UTC)
     result: dict[str, Any] = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
@@ -390,21 +403,32 @@ def main() -> int:
             result["intake"] = intake(redis_url, args.repeat)
     if "failover" in chosen:
         result["failover"] = failover(args.repeat)
-    out = run.RESULTS / f"scaling-{now.strftime('%Y-%m-%d')}.json"
+    if "workers" in chosen:
+        rates = args.workers_rate or [workers.DEFAULT_RATE]
+        with run.redis_server() as redis_url:
+            result["workers"] = workers.scenario(redis_url, rates, args.repeat)
+    out = args.out or run.RESULTS / f"scaling-{now.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return report(result, args.readme, out)
 
 
 def report(result: dict[str, Any], readme: bool, out: Path | None) -> int:
-    block = readme_block(result)
-    print(block)
-    if readme:
-        start, end = "<!-- bench-scaling:start -->", "<!-- bench-scaling:end -->"
-        text = run.README.read_text()
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        run.README.write_text(f"{head}{start}\n{block}\n{end}{tail}")
+    # Each scenario group has its own README block, so running one group
+    # leaves the others' numbers alone.
+    blocks = []
+    if "intake" in result or "failover" in result:
+        blocks.append(("bench-scaling", readme_block(result)))
+    if "workers" in result:
+        blocks.append(("bench-workers", workers.readme_block(result)))
+    for name, block in blocks:
+        print(block)
+        if readme:
+            start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+            text = run.README.read_text()
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            run.README.write_text(f"{head}{start}\n{block}\n{end}{tail}")
     if out is not None:
         print(f"bench: results in {out}")
     return 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import random
+import subprocess
+import time
 from pathlib import Path
 
 import jwt
@@ -14,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bomstream import loadtest
+from bomstream.loadtest import procstat
 from bomstream.loadtest.histogram import LogHistogram
 from bomstream.loadtest.options import LoadOptions
 from bomstream.loadtest.records import ClientPart, ClientUsage, StreamCounts
@@ -361,3 +365,38 @@ def test_report_gives_each_client_process_its_cpu_share_and_warns_above_85_perce
     warning = busy.data["client_cpu_warning"]
     assert warning is not None and "pid 11 at 86%" in warning and "pid 10" not in warning
     assert busy.table().splitlines()[-1] == f"warning: {warning}"
+
+
+def test_gateway_samples_add_up_over_its_workers_and_fail_when_one_is_gone() -> None:
+    """``--gateway-pid`` once per worker of ``serve --workers N``: a sum that
+    silently left out a worker that had exited would pass for the whole."""
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        pids = [p.pid for p in sleepers]
+        # A sleeping process's RSS and CPU time stay put once it has exec'd.
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "S" for pid in pids):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        one = [procstat.sample(pid) for pid in pids]
+        assert all(s is not None and s.rss_kb > 0 for s in one)
+        both = procstat.sample_sum(pids)
+        assert both == procstat.ProcSample(
+            sum(s.rss_kb for s in one if s is not None),
+            sum(s.cpu_s for s in one if s is not None),
+        )
+        sleepers[1].kill()
+        sleepers[1].wait()
+        assert procstat.sample_sum(pids) is None
+        assert procstat.sample_sum([]) is None
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
+def test_gateway_pids_survive_the_trip_to_json_but_not_to_a_worker() -> None:
+    opts = LoadOptions(url="http://127.0.0.1:1", connections=2, boms=1, gateway_pids=(7, 8))
+    back = LoadOptions.from_json(json.loads(json.dumps(opts.to_json())))
+    assert back == opts and back.gateway_pids == (7, 8)
+    assert opts.for_worker().gateway_pids == ()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -199,16 +200,21 @@ def test_small_run_against_a_real_gateway_and_redis_loses_nothing(
         "--gateway-pid", str(gw.proc.pid),
     ]  # fmt: skip
     args += ["--redis", redis.url] if via == "redis" else ["--http-publish"]
+    began = time.time()
     try:
         report = run_cli(args, tmp_path, via)
     finally:
         gw.stop()
+    ended = time.time()
     conns, pub, d = report["connections"], report["publish"], report["deliveries"]
     assert isinstance(conns, dict) and isinstance(pub, dict) and isinstance(d, dict)
     assert conns["established"] == 60
     assert conns["failed"] == {}
     assert pub["via"] == via
     assert pub["sent"] == 120
+    # One second of publishing, then the drain: inside the command's own run.
+    start, end = pub["measured_window_unix"]
+    assert began < start and start + 0.9 <= end < ended
     assert d["expected"] == 60 * 20
     assert d["received"] == d["expected"]
     assert (d["lost"], d["duplicates"], d["out_of_order"], d["misrouted"]) == (0, 0, 0, 0)

@@ -51,7 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--org", help=f"organization of minted tokens and events ({DEFAULT_ORG})")
     p.add_argument("--token-ttl", type=float, default=3600.0, metavar="S")
     p.add_argument("--publish-token", help="token for HTTP publishing (default: auth.admin_token)")
-    p.add_argument("--gateway-pid", type=int, metavar="PID", help="sample this process's RSS/CPU")
+    p.add_argument(
+        "--gateway-pid",
+        type=int,
+        action="append",
+        metavar="PID",
+        help="sample this process's RSS/CPU; repeat for each worker of serve --workers N (summed)",
+    )
     p.add_argument("--slow-consumers", type=int, default=0, metavar="N", help="streams that stall")
     p.add_argument("--no-reconnect", action="store_true", help="do not reopen dropped streams")
     p.add_argument(
@@ -100,7 +106,7 @@ def options_from(cfg: Config, args: argparse.Namespace) -> LoadOptions:
         mint=mint,
         publish_token=publish_token,
         org=org,
-        gateway_pid=args.gateway_pid,
+        gateway_pids=tuple(args.gateway_pid or ()),
         reconnect=not args.no_reconnect,
         slow_consumers=args.slow_consumers,
         progress=not args.no_progress,

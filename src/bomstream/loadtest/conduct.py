@@ -68,10 +68,10 @@ async def conduct(opts: LoadOptions, streams: Streams) -> Report:
 
 
 async def _phases(opts: LoadOptions, streams: Streams, line: ProgressLine | None) -> Report:
-    pid = opts.gateway_pid
+    pids = opts.gateway_pids
 
     def sample() -> procstat.ProcSample | None:
-        return procstat.sample(pid) if pid else None
+        return procstat.sample_sum(pids) if pids else None
 
     def phase(name: str) -> None:
         if line is not None:
@@ -88,11 +88,15 @@ async def _phases(opts: LoadOptions, streams: Streams, line: ProgressLine | None
     publish: PublishStats | None = None
     pub_start = pub_end = held
     drain_s = 0.0
+    # Wall-clock bounds of the measured phase, so that other measurements of
+    # the same host (its CPU, another process) can be matched to it.
+    window: tuple[float, float] | None = None
     if opts.rate > 0 and opts.duration > 0 and opts.publish_via != "none":
         phase("publish")
         sender = sender_for(opts)
         streams.begin_measure()
         pub_start = sample()
+        measured_from = time.time()
         try:
             publish = PublishStats(opts.rate)
             if line is not None:
@@ -104,6 +108,7 @@ async def _phases(opts: LoadOptions, streams: Streams, line: ProgressLine | None
         await streams.drain(factory.published, publish.finished_at + opts.drain_s)
         drain_s = time.monotonic() - publish.finished_at
         pub_end = sample()
+        window = (measured_from, time.time())
     phase("close")
     parts = await streams.close(factory.published)
     counts = StreamCounts.merged([p.counts for p in parts if p.counts is not None])
@@ -114,5 +119,6 @@ async def _phases(opts: LoadOptions, streams: Streams, line: ProgressLine | None
         publish,
         parts,
         drain_s=drain_s,
-        gateway=GatewayUsage.of(pid, before, connected, held, pub_start, pub_end),
+        window=window,
+        gateway=GatewayUsage.of(pids, before, connected, held, pub_start, pub_end),
     )

@@ -33,7 +33,9 @@ class LoadOptions:
     publish_token: str | None = None
     org: str | None = None
     bom_prefix: str = "lt"
-    gateway_pid: int | None = None
+    # Processes whose RSS and CPU are sampled and summed: a gateway, or every
+    # worker of ``serve --workers N`` (the supervisor serves nothing).
+    gateway_pids: tuple[int, ...] = ()
     reconnect: bool = True
     slow_consumers: int = 0
     progress: bool = True
@@ -46,7 +48,7 @@ class LoadOptions:
 
     def for_worker(self) -> LoadOptions:
         """What a worker process needs: its streams' options, not the publisher's secrets."""
-        return dataclasses.replace(self, publish_token=None, redis_url="", gateway_pid=None)
+        return dataclasses.replace(self, publish_token=None, redis_url="", gateway_pids=())
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -54,7 +56,13 @@ class LoadOptions:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LoadOptions:
         mint = data.get("mint")
-        return cls(**{**data, "mint": TokenMint(**mint) if mint is not None else None})
+        return cls(
+            **{
+                **data,
+                "mint": TokenMint(**mint) if mint is not None else None,
+                "gateway_pids": tuple(data.get("gateway_pids", ())),
+            }
+        )
 
 
 def new_run_id() -> str:

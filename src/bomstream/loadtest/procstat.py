@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -32,3 +33,16 @@ def sample(pid: int) -> ProcSample | None:
             rss = int(line.split()[1])
             break
     return ProcSample(rss, cpu)
+
+
+def sample_sum(pids: Iterable[int]) -> ProcSample | None:
+    """RSS and CPU seconds added up over ``pids`` (the workers of one gateway);
+    None if there are none or any cannot be read, since a partial sum would
+    pass for the whole."""
+    samples = [sample(pid) for pid in pids]
+    if not samples or any(s is None for s in samples):
+        return None
+    return ProcSample(
+        sum(s.rss_kb for s in samples if s is not None),
+        sum(s.cpu_s for s in samples if s is not None),
+    )

@@ -207,7 +207,8 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class GatewayUsage:
-    pid: int
+    # Every figure is the sum over these processes.
+    pids: tuple[int, ...]
     rss_kb_before: int
     rss_kb_connected: int
     rss_kb_held: int
@@ -218,14 +219,14 @@ class GatewayUsage:
     @classmethod
     def of(
         cls,
-        pid: int | None,
+        pids: tuple[int, ...],
         before: ProcSample | None,
         connected: ProcSample | None,
         held: ProcSample | None,
         pub_start: ProcSample | None,
         pub_end: ProcSample | None,
     ) -> GatewayUsage | None:
-        if pid is None or before is None or connected is None or held is None:
+        if not pids or before is None or connected is None or held is None:
             return None
         cpu_publish = None
         rss_after = None
@@ -233,7 +234,7 @@ class GatewayUsage:
             cpu_publish = round(pub_end.cpu_s - pub_start.cpu_s, 3)
             rss_after = pub_end.rss_kb
         return cls(
-            pid,
+            pids,
             before.rss_kb,
             connected.rss_kb,
             held.rss_kb,

@@ -29,6 +29,7 @@ class Report:
         *,
         drain_s: float,
         gateway: GatewayUsage | None,
+        window: tuple[float, float] | None = None,
     ) -> Report:
         c = counts
         client_cpu_s = sum(part.usage.cpu_s for part in parts)
@@ -58,6 +59,8 @@ class Report:
                 "sent": publish.sent if publish else 0,
                 "failed": dict(publish.failed) if publish else {},
                 "achieved_rate": round(publish.achieved_rate, 1) if publish else 0.0,
+                # Unix times: publishing began, and the drain after it ended.
+                "measured_window_unix": [round(t, 3) for t in window] if window else None,
             },
             "deliveries": {
                 "expected": c.expected,
@@ -86,7 +89,8 @@ class Report:
         }
         if gateway is not None:
             g: dict[str, Any] = {
-                "pid": gateway.pid,
+                "pid": gateway.pids[0],
+                "pids": list(gateway.pids),
                 "rss_kb_before": gateway.rss_kb_before,
                 "rss_kb_connected": gateway.rss_kb_connected,
                 "rss_kb_held": gateway.rss_kb_held,
