@@ -79,11 +79,9 @@ def plan(
             placed = forgotten_arrival <= position
         if placed:
             if ch is not None:
-                # Held from history and not yet live here: it arrived after the
-                # position (this process received the position live, in order).
-                out.events.extend(
-                    e for e in ch.buffer if (e.arrival > position or e.hist_gen) and visible(e, org)
-                )
+                # An event held only from history (arrival 0) was published
+                # before this process subscribed, so before the position.
+                out.events.extend(e for e in ch.buffer if e.arrival > position and visible(e, org))
             continue
         snap = latest_visible(ch, org)
         if snap is not None:
