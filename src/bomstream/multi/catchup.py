@@ -110,10 +110,12 @@ def plan(
             if ch is not None and _placed(held, ch.buffer.evicted):
                 out.events.extend(e for e in ch.buffer if after(e, held) and visible(e, org))
                 continue
+        # Not placed: what it missed is unknown, so it is a gap even with
+        # nothing held to send in its place.
+        out.gaps.append(bom_id)
         snap = latest_visible(ch, org)
         if snap is not None:
             out.events.append(snap)
-            out.gaps.append(bom_id)
     out.resumed = held is not None and not out.gaps
     out.events.sort(key=_order)
     return out
