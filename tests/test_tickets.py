@@ -9,7 +9,7 @@ import aiohttp
 
 from bomstream.principal import ADMIN as ADMIN_PRINCIPAL
 from bomstream.server import RunningGateway
-from bomstream.tickets import MemoryTicketStore
+from bomstream.tickets import Grant, MemoryTicketStore
 from tests.authkit import ADMIN, SECRET, claims, hs256, org_token
 from tests.conftest import StartGateway, progress, publish
 from tests.redis_proc import RedisProcess, free_port
@@ -122,7 +122,7 @@ async def test_ticket_endpoint_wants_the_token_in_the_header(
             assert resp.status == 400, body
     async with http.post(
         gw.url + TICKETS,
-        data=b'{"bom_id": "' + b"a" * 2000 + b'"}',
+        data=b'{"bom_id": "' + b"a" * 40_000 + b'"}',
         headers={"Authorization": f"Bearer {token}"},
     ) as resp:
         assert resp.status == 413
@@ -173,10 +173,10 @@ async def test_with_redis_a_ticket_from_one_instance_is_redeemed_once_at_any(
 async def test_memory_store_forgets_expired_tickets() -> None:
     store = MemoryTicketStore(ttl_s=0.05)
     for _ in range(100):
-        await store.issue("bom-a", ADMIN_PRINCIPAL)
+        await store.issue(Grant.one("bom-a"), ADMIN_PRINCIPAL)
     assert len(store) == 100
     await asyncio.sleep(0.1)
-    await store.issue("bom-a", ADMIN_PRINCIPAL)
+    await store.issue(Grant.one("bom-a"), ADMIN_PRINCIPAL)
     assert len(store) == 1
 
 

@@ -16,7 +16,7 @@ from bomstream.errors import ApiError
 from bomstream.jwt_auth import SERVICE_ROLE, JwtVerifier, TokenRejected
 from bomstream.metrics import Metrics
 from bomstream.principal import ADMIN, OPEN, Principal
-from bomstream.tickets import TicketRejected, TicketStore, TicketStoreUnavailable
+from bomstream.tickets import Grant, TicketRejected, TicketStore, TicketStoreUnavailable
 
 TICKET_PARAM = "ticket"
 
@@ -76,15 +76,15 @@ class Authenticator:
             subject=claims.subject,
         )
 
-    async def authenticate_reader(self, request: web.Request, bom_id: str) -> Principal:
-        """Stream and poll: a single-use ``?ticket=`` for this BOM, or a token."""
+    async def authenticate_reader(self, request: web.Request, want: Grant) -> Principal:
+        """Stream and poll: a single-use ``?ticket=`` for these BOMs, or a token."""
         if self._cfg.open_mode:
             return OPEN
         ticket = request.query.get(TICKET_PARAM)
         if ticket is None or header_token(request) is not None:
             return self.authenticate(request)
         try:
-            return await self.tickets.redeem(ticket, bom_id)
+            return await self.tickets.redeem(ticket, want)
         except TicketRejected:
             raise self._fail(
                 "ticket", "the ticket is unknown, used, expired or for another BOM"

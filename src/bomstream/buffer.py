@@ -17,13 +17,16 @@ class BomBuffer:
     dict lookup.
     """
 
-    __slots__ = ("_by_id", "_events", "_next_seq", "capacity")
+    __slots__ = ("_by_id", "_events", "_next_seq", "capacity", "evicted_arrival")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._events: deque[Event] = deque()
         self._by_id: dict[str, Event] = {}
         self._next_seq = 1
+        # The newest arrival order of an event no longer held: a multi-BOM
+        # stream resuming from before it has a gap in this BOM.
+        self.evicted_arrival = 0
 
     def __len__(self) -> int:
         return len(self._events)
@@ -47,6 +50,7 @@ class BomBuffer:
         if len(self._events) > self.capacity:
             old = self._events.popleft()
             del self._by_id[old.event_id]
+            self.evicted_arrival = max(self.evicted_arrival, old.arrival)
 
     def after(self, event: Event) -> Iterator[Event]:
         """Held events newer than ``event`` (which must be held), oldest first."""
@@ -61,10 +65,15 @@ class BomBuffer:
 
     def replace(self, events: list[Event]) -> None:
         """Hold ``events`` (in that order) instead; the newest ``capacity`` are kept."""
-        self.clear()
+        evicted = max((e.arrival for e in events[: -self.capacity]), default=0)
+        self._events.clear()
+        self._by_id.clear()
         for ev in events[-self.capacity :]:
             self.append(ev)
+        self.evicted_arrival = max(self.evicted_arrival, evicted)
 
     def clear(self) -> None:
+        for ev in self._events:
+            self.evicted_arrival = max(self.evicted_arrival, ev.arrival)
         self._events.clear()
         self._by_id.clear()

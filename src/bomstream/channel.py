@@ -80,6 +80,7 @@ class Channel:
         "history_loaded",
         "last_event_at",
         "merge_gen",
+        "multi",
         "owner",
         "pending",
         "resync_gen",
@@ -91,6 +92,8 @@ class Channel:
         # A BOM belongs to the org of its first event that names one.
         self.owner: str | None = None
         self.groups: dict[str | None, Group] = {}
+        # Multi-BOM streams that list this BOM (bomstream.multi); None while none do.
+        self.multi: set[Subscriber] | None = None
         self.pending: list[Event] = []
         self.last_event_at = time.monotonic()
         # Whether shared history has been merged into the buffer (see merge_history).
@@ -102,7 +105,7 @@ class Channel:
         self.resync_gen = 0
 
     def has_subscribers(self) -> bool:
-        return any(g.subs for g in self.groups.values())
+        return bool(self.multi) or any(g.subs for g in self.groups.values())
 
 
 @dataclass(slots=True)

@@ -28,6 +28,9 @@ SECRET_KEYS = frozenset({"auth.admin_token", "auth.jwt_secret", "metrics.token",
 DEFAULT_TERMINAL_TYPES = ("enrichment.completed", "enrichment.failed", "enrichment.error")
 HISTORY_BACKENDS = ("none", "redis", "postgres")
 SUBSCRIBE_MODES = ("pattern", "interest")
+# 200 ids of 128 characters ("bom_id=...&" each) make a 27.4 KB URL, inside the
+# 32 KiB request line the gateway accepts (bomstream.protocol).
+MAX_BOMS_PER_STREAM = 200
 # A table name, optionally schema-qualified; it is quoted into SQL, so nothing else passes.
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
 
@@ -123,6 +126,7 @@ class EventsConfig:
 class LimitsConfig:
     max_event_bytes: int = 65536
     max_streams_per_org: int = 0
+    max_boms_per_stream: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +367,11 @@ def _validate(cfg: Config) -> None:
         cfg.limits.max_event_bytes >= 256, "limits.max_event_bytes", "must be at least 256 bytes"
     )
     _check(cfg.limits.max_streams_per_org >= 0, "limits.max_streams_per_org", "must be >= 0")
+    _check(
+        1 <= cfg.limits.max_boms_per_stream <= MAX_BOMS_PER_STREAM,
+        "limits.max_boms_per_stream",
+        f"must be from 1 to {MAX_BOMS_PER_STREAM}",
+    )
     for t in cfg.events.terminal_types:
         _check(bool(EVENT_TYPE_RE.fullmatch(t)), "events.terminal_types", f"bad type {t!r}")
     if "*" in cfg.cors.allow_origins and cfg.cors.allow_credentials:

@@ -57,6 +57,13 @@ class Event:
     # Seconds since the epoch from the event's ``created_at``, when it had a parsable one.
     created_at: float | None
     seq: int = 0
+    # The process-wide order in which live events arrived here (0: held from
+    # history only); multi-BOM streams resume by it (see bomstream.multi).
+    arrival: int = 0
+    # The frame for multi-BOM streams (its ``id:`` is a cursor), built on first use.
+    mchunk: bytes = b""
+    # Whether the JSON names its ``bom_id`` (multi-BOM frames must).
+    names_bom: bool = True
     # Nonzero while the event is held only from history (merge generation that
     # added it) and its live copy has not arrived yet; see Hub.merge_history.
     hist_gen: int = 0
@@ -137,7 +144,7 @@ def parse_event(
         event_id = derived_event_id(bom_id, raw)
         obj["event_id"] = event_id
     assert isinstance(event_id, str)
-    return encode_event(
+    event = encode_event(
         obj,
         bom_id=bom_id,
         event_id=event_id,
@@ -145,6 +152,8 @@ def parse_event(
         org=org or None,
         terminal=event_type in terminal_types,
     )
+    event.names_bom = body_bom is not None
+    return event
 
 
 def encode_event(

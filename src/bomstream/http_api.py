@@ -16,6 +16,7 @@ from bomstream.events import Event, EventRejected, parse_event
 from bomstream.logs import FIELDS
 from bomstream.state import GATEWAY
 from bomstream.stream import checked_bom_id
+from bomstream.tickets import Grant
 
 log = logging.getLogger("bomstream.api")
 
@@ -57,7 +58,7 @@ async def handle_publish(request: web.Request) -> web.Response:
     return json_response({"event_id": event.event_id}, status=202)
 
 
-def _parse_limit(text: str | None) -> int:
+def parse_limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_POLL_LIMIT
     if not text.isdigit() or not 1 <= int(text) <= MAX_POLL_LIMIT:
@@ -68,8 +69,8 @@ def _parse_limit(text: str | None) -> int:
 async def handle_poll(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     bom_id = checked_bom_id(request)
-    principal = await gw.auth.authenticate_reader(request, bom_id)
-    limit = _parse_limit(request.query.get("limit"))
+    principal = await gw.auth.authenticate_reader(request, Grant.one(bom_id))
+    limit = parse_limit(request.query.get("limit"))
     after = request.query.get("after") or None
     await gw.recall.ensure(bom_id)
     owner = gw.hub.owner(bom_id)

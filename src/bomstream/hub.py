@@ -31,6 +31,10 @@ from bomstream.events import (
 from bomstream.fanout import FanOut
 from bomstream.merge import Resyncs, merge_plain, merge_resync
 from bomstream.metrics import Metrics
+from bomstream.multi.catchup import Plan, plan
+from bomstream.multi.cursor import connected_frame as multi_connected_frame
+from bomstream.multi.cursor import multi_chunk
+from bomstream.multi.registry import MultiSub, Registry
 from bomstream.principal import Principal
 from bomstream.reasons import CLIENT_GONE, MAX_DURATION, SERVER_SHUTDOWN, TOKEN_EXPIRED
 from bomstream.wheel import TimerWheel
@@ -58,6 +62,16 @@ class Hub:
         self._deadlines: Deadlines[Subscriber] = Deadlines(self.end)
         self._fanout = FanOut(metrics, self._send_limit, self.end, self._finish)
         self._resyncs = Resyncs(self._channels, self._dirty, self._fanout, metrics)
+        self._multi = Registry(
+            self._channels, metrics, self._send_limit, self._finish, self._fanout.cut_slow
+        )
+        # Live events in the order they arrived, across every BOM (multi-BOM
+        # streams resume by it), and history merges, numbered across every
+        # BOM too, so a stream spanning BOMs compares with any of them.
+        self._arrival = 0
+        self._merge_gen = 0
+        # The newest arrival among BOMs forgotten entirely (bomstream.multi.catchup).
+        self._forgotten_arrival = 0
         self.stream_count = 0
         self.streams_by_org: Counter[str | None] = Counter()
         self.closing = False
@@ -76,6 +90,10 @@ class Hub:
             if held.hist_gen:
                 # Held from history, and this is its first live arrival.
                 self._metrics.events_received.labels(source).inc()
+                self._arrival += 1
+                held.arrival = self._arrival
+                if self._multi.push(held, held.hist_gen):
+                    self._schedule_flush()
                 if ch.resync_gen:
                     ch.pending.append(held)
                 else:
@@ -83,7 +101,10 @@ class Hub:
             else:
                 self._metrics.events_dropped.labels("duplicate").inc()
             return False
+        self._arrival += 1
+        event.arrival = self._arrival
         ch.buffer.append(event)
+        self._multi.push(event)
         if ch.owner is None and event.org is not None:
             ch.owner = event.org
         ch.last_event_at = time.monotonic()
@@ -91,9 +112,13 @@ class Hub:
         self._touch(ch)
         ch.pending.append(event)
         if not self._dirty:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_dirty)
+            self._schedule_flush()
         self._dirty[ch.bom_id] = ch
         return True
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_dirty)
 
     def needs_history(self, bom_id: str) -> bool:
         """Whether the process buffer alone cannot answer for this BOM."""
@@ -121,7 +146,11 @@ class Hub:
             if ch.pending:
                 self._fanout.flush(ch)
                 self._dirty.pop(bom_id, None)
-            if not merge_plain(ch, events):
+            # Generations count across BOMs (see __init__).
+            ch.merge_gen = max(ch.merge_gen, self._merge_gen)
+            merged = merge_plain(ch, events)
+            self._merge_gen = max(ch.merge_gen, self._merge_gen)
+            if not merged:
                 return
         if ch.buffer:
             ch.owner = next((e.org for e in ch.buffer if e.org is not None), None)
@@ -161,7 +190,12 @@ class Hub:
             ch.buffer.clear()
             ch.history_loaded = False
         else:
-            del self._channels[bom_id]
+            self._drop_channel(ch)
+
+    def _drop_channel(self, ch: Channel) -> None:
+        ch.buffer.clear()
+        self._forgotten_arrival = max(self._forgotten_arrival, ch.buffer.evicted_arrival)
+        self._channels.pop(ch.bom_id, None)
 
     # -- fan-out -------------------------------------------------------------
 
@@ -173,6 +207,7 @@ class Hub:
         for ch in dirty:
             if ch.pending and not ch.resync_gen:
                 self._fanout.flush(ch)
+        self._multi.flush()
 
     # -- streams -------------------------------------------------------------
 
@@ -265,17 +300,88 @@ class Hub:
             group = ch.groups[org] = Group()
         group.subs.add(sub)
         sub.delivered_base = group.delivered
-        self.stream_count += 1
-        self.streams_by_org[org] += 1
-        self._metrics.streams_active.set(self.stream_count)
-        sub._beat_slot = self._beats.add(sub)
-        deadline = self._deadline_for(principal)
-        if deadline is not None:
-            reason, when = deadline
-            sub._deadline_key = self._deadlines.add(sub, when, reason)
+        self._register(sub, "single")
         if first:
             self.watchers.first_stream(bom_id)
         return Opened(b"".join(parts), sub, resumed, None, len(catchup))
+
+    def open_multi(
+        self,
+        boms: tuple[str, ...] | None,
+        principal: Principal,
+        anchor: tuple[str, str] | None,
+        transport: asyncio.WriteTransport,
+    ) -> Opened:
+        """A stream of several BOMs (``boms``), or of the caller's org (None):
+        its catch-up (bomstream.multi.catchup) and its live registration, in one step."""
+        # What has arrived is written out first, so catch-up and live cannot overlap.
+        self._multi.flush()
+        org = principal.org
+        listed = boms if boms is not None else self.org_boms(org)
+        p = plan(self._channels, listed, org, anchor, self._forgotten_arrival)
+        if anchor is not None:
+            self._metrics.replay.labels("hit" if p.resumed else "miss").inc()
+        self._metrics.events_delivered.inc(len(p.events))
+        parts = [self._retry_chunk, chunk(multi_connected_frame(boms, p.resumed, p.gaps))]
+        parts.extend(multi_chunk(e) for e in p.events)
+        sub = MultiSub(boms, principal, transport)
+        sub.catchup_events = len(p.events)
+        sub.gen = self._merge_gen
+        self._multi.add(sub, self._channel_for)
+        self._register(sub, sub.kind)
+        return Opened(b"".join(parts), sub, p.resumed, None, len(p.events))
+
+    def poll_multi(
+        self, boms: tuple[str, ...] | None, org: str | None, anchor: tuple[str, str] | None
+    ) -> tuple[Plan, list[str]]:
+        """What a multi-BOM poll returns, and which of its BOMs are finished."""
+        listed = boms if boms is not None else self.org_boms(org)
+        p = plan(self._channels, listed, org, anchor, self._forgotten_arrival)
+        finished = []
+        for bom_id in listed:
+            ch = self._channels.get(bom_id)
+            latest = ch.buffer.latest if ch is not None else None
+            if latest is not None and latest.terminal:
+                finished.append(bom_id)
+        return p, finished
+
+    def org_boms(self, org: str | None) -> tuple[str, ...]:
+        """The most recently updated BOMs an org (None: every org) may see."""
+        limit = self._cfg.limits.max_boms_per_stream
+        out: list[str] = []
+        for bom_id in reversed(self._recency):
+            if org is None or self._channels[bom_id].owner == org:
+                out.append(bom_id)
+                if len(out) >= limit:
+                    break
+        return tuple(out)
+
+    def _channel_for(self, bom_id: str) -> Channel:
+        ch = self._channels.get(bom_id)
+        if ch is None:
+            ch = self._channels[bom_id] = Channel(bom_id, self._cfg.buffer.events_per_bom)
+        return ch
+
+    def _register(self, sub: Subscriber, kind: str) -> None:
+        """What every stream has: its counts, heartbeat and deadline."""
+        org = sub.group
+        self.stream_count += 1
+        self.streams_by_org[org] += 1
+        self._metrics.streams_active.set(self.stream_count)
+        self._metrics.streams_by_kind.labels(kind).inc()
+        sub._beat_slot = self._beats.add(sub)
+        deadline = self._deadline_for(sub.principal)
+        if deadline is not None:
+            reason, when = deadline
+            sub._deadline_key = self._deadlines.add(sub, when, reason)
+
+    def _unregister(self, sub: Subscriber, kind: str) -> None:
+        self.stream_count -= 1
+        self.streams_by_org[sub.group] -= 1
+        if self.streams_by_org[sub.group] <= 0:
+            del self.streams_by_org[sub.group]
+        self._metrics.streams_active.set(self.stream_count)
+        self._metrics.streams_by_kind.labels(kind).dec()
 
     def _deadline_for(self, principal: Principal) -> tuple[str, float] | None:
         """Seconds from now until the stream must end, and why."""
@@ -323,6 +429,9 @@ class Hub:
         if sub._deadline_key >= 0:
             self._deadlines.remove(sub, sub._deadline_key)
             sub._deadline_key = -1
+        if isinstance(sub, MultiSub):
+            self._detach_multi(sub)
+            return
         ch = self._channels.get(sub.bom_id)
         if ch is None:
             return
@@ -331,19 +440,26 @@ class Hub:
             return
         group.subs.discard(sub)
         sub.live_events = group.delivered - sub.delivered_base
-        self.stream_count -= 1
-        self.streams_by_org[sub.group] -= 1
-        if self.streams_by_org[sub.group] <= 0:
-            del self.streams_by_org[sub.group]
-        self._metrics.streams_active.set(self.stream_count)
+        self._unregister(sub, "single")
         if not group.subs:
             del ch.groups[sub.group]
-            if not ch.groups:
+            if not ch.has_subscribers():
                 # Nobody is left to hold events back for.
                 self.end_resync(sub.bom_id)
                 self.watchers.last_stream(sub.bom_id)
-            if not ch.groups and len(ch.buffer) == 0:
-                self._channels.pop(sub.bom_id, None)
+                if len(ch.buffer) == 0:
+                    self._drop_channel(ch)
+        if sub.reason is None:
+            self._settle(sub, CLIENT_GONE)
+
+    def _detach_multi(self, sub: MultiSub) -> None:
+        left = self._multi.remove(sub)
+        if left is None:
+            return
+        for ch in left:
+            if not ch.has_subscribers() and len(ch.buffer) == 0:
+                self._drop_channel(ch)
+        self._unregister(sub, sub.kind)
         if sub.reason is None:
             self._settle(sub, CLIENT_GONE)
 
@@ -363,6 +479,7 @@ class Hub:
         """End every open stream (graceful shutdown). Returns how many were open."""
         self.closing = True
         subs = [s for ch in self._channels.values() for g in ch.groups.values() for s in g.subs]
+        subs.extend(self._multi.every())
         for sub in subs:
             self.end(sub, reason)
         return len(subs)
@@ -382,7 +499,8 @@ class Hub:
         out = []
         for bom_id in reversed(self._recency):
             ch = self._channels[bom_id]
-            out.append((bom_id, sum(len(g.subs) for g in ch.groups.values()), ch.buffer.latest))
+            streams = sum(len(g.subs) for g in ch.groups.values()) + len(ch.multi or ())
+            out.append((bom_id, streams, ch.buffer.latest))
         return out
 
     @property

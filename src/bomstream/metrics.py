@@ -43,6 +43,15 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.streams_by_kind = Gauge(
+            "bomstream_streams_by_kind",
+            "Open SSE streams by kind: single (one BOM), multi (a list), org (scope=org).",
+            ["kind"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        for kind in ("single", "multi", "org"):
+            self.streams_by_kind.labels(kind)
         self.streams_opened = Counter(
             "bomstream_streams_opened",
             "Stream requests by result (ok or the HTTP status returned).",

@@ -27,6 +27,7 @@ from bomstream.hub import SERVER_SHUTDOWN, Hub
 from bomstream.logs import FIELDS
 from bomstream.looplag import probe_loop_lag
 from bomstream.metrics import Metrics
+from bomstream.multi.routes import handle_multi_poll, handle_multi_stream
 from bomstream.pages import add_pages
 from bomstream.protocol import GatewayRunner, name_server
 from bomstream.state import GATEWAY, Gateway
@@ -90,14 +91,16 @@ def make_app(cfg: Config, role: WorkerRole | None = None) -> web.Application:
         worker=role.index if role is not None else None,
     )
     app = web.Application(
-        middlewares=[error_middleware(streams={handle_stream})],
+        middlewares=[error_middleware(streams={handle_stream, handle_multi_stream})],
         client_max_size=cfg.limits.max_event_bytes + BODY_SLACK,
     )
     app[GATEWAY] = gw
     browser_routes = []
     if not cfg.server.disable_stream:
         browser_routes.append(app.router.add_get("/api/enrichment/stream/{bom_id}", handle_stream))
+        browser_routes.append(app.router.add_get("/api/enrichment/stream", handle_multi_stream))
     browser_routes.append(app.router.add_get("/api/enrichment/events/{bom_id}", handle_poll))
+    browser_routes.append(app.router.add_get("/api/enrichment/events", handle_multi_poll))
     browser_routes.append(app.router.add_post("/api/enrichment/events/{bom_id}", handle_publish))
     browser_routes.append(app.router.add_post("/api/enrichment/tickets", handle_ticket))
     setup_cors(app, cfg.cors, browser_routes)

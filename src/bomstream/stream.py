@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
-from bomstream.channel import Subscriber
+from bomstream.channel import Opened, Subscriber
 from bomstream.errors import ApiError, error_response
 from bomstream.events import is_valid_bom_id
 from bomstream.hub import CLIENT_GONE
@@ -23,6 +24,7 @@ from bomstream.logs import FIELDS
 from bomstream.principal import Principal
 from bomstream.protocol import GatewayProtocol
 from bomstream.state import GATEWAY, Gateway
+from bomstream.tickets import Grant
 
 log = logging.getLogger("bomstream.stream")
 
@@ -57,11 +59,8 @@ def _refuse(status: int, code: str, message: str, retry: bool = False) -> ApiErr
     return ApiError(status, code, message, {"Retry-After": RETRY_AFTER_S} if retry else None)
 
 
-async def _admit(request: web.Request, gw: Gateway) -> tuple[str, Principal, str | None] | None:
-    """Whether a stream may open: its BOM, caller and resume point, or None
-    when the caller already holds the BOM's terminal event."""
-    bom_id = checked_bom_id(request)
-    principal = await gw.auth.authenticate_reader(request, bom_id)
+def refuse_when_full(gw: Gateway, principal: Principal) -> None:
+    """The refusals every stream kind shares: shutting down, no feed, at a limit."""
     hub = gw.hub
     if hub.closing:
         raise _refuse(503, "shutting_down", "the gateway is shutting down", retry=True)
@@ -72,6 +71,15 @@ async def _admit(request: web.Request, gw: Gateway) -> tuple[str, Principal, str
     org_limit = gw.cfg.limits.max_streams_per_org
     if org_limit and principal.org is not None and hub.streams_by_org[principal.org] >= org_limit:
         raise _refuse(429, "org_stream_limit", "too many open streams for this organization", True)
+
+
+async def _admit(request: web.Request, gw: Gateway) -> tuple[str, Principal, str | None] | None:
+    """Whether a stream may open: its BOM, caller and resume point, or None
+    when the caller already holds the BOM's terminal event."""
+    bom_id = checked_bom_id(request)
+    principal = await gw.auth.authenticate_reader(request, Grant.one(bom_id))
+    refuse_when_full(gw, principal)
+    hub = gw.hub
     after = last_event_id(request)
     # A BOM this instance cannot answer for alone is loaded from shared
     # history first; every decision below is then the buffer's, as always.
@@ -101,7 +109,22 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204)
     bom_id, principal, after = admitted
     del admitted
+    hub = gw.hub
+    return await start_stream(
+        request, gw, principal, bom_id, lambda t: hub.open(bom_id, principal, after, t)
+    )
 
+
+async def start_stream(
+    request: web.Request,
+    gw: Gateway,
+    principal: Principal,
+    label: str,
+    open_stream: Callable[[asyncio.WriteTransport], Opened],
+    fields: dict[str, object] | None = None,
+) -> web.StreamResponse:
+    """Send a stream's headers, open it in the hub (``open_stream``) and hand
+    its connection over. ``label``: the log lines' ``bom_id``; ``fields``: more for them."""
     protocol = request.protocol
     if not isinstance(protocol, GatewayProtocol):
         raise TypeError("the stream route needs the gateway's runner (bomstream.server.start)")
@@ -116,7 +139,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     if transport is None or transport.is_closing():
         return resp
     hub = gw.hub
-    opened = hub.open(bom_id, principal, after, transport)
+    opened = open_stream(transport)
     transport.write(opened.initial)
     gw.metrics.streams_opened.labels("ok").inc()
     resumed = opened.resumed
@@ -124,7 +147,8 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
         "stream opened",
         extra={
             FIELDS: {
-                "bom_id": bom_id,
+                "bom_id": label,
+                **(fields or {}),
                 "org": principal.org or "*",
                 "auth": principal.kind,
                 "resumed": resumed,
@@ -134,7 +158,7 @@ async def handle_stream(request: web.Request) -> web.StreamResponse:
     )
     sub = opened.sub
     if sub is None:
-        _log_closed(bom_id, principal, opened.end_reason, resumed, opened.catchup_events, 0.0)
+        _log_closed(label, principal, opened.end_reason, resumed, opened.catchup_events, 0.0)
         if not transport.is_closing():
             await resp.write_eof()
         return resp

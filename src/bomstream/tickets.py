@@ -3,8 +3,8 @@
 A browser's EventSource cannot send an ``Authorization`` header, so the token
 would have to ride in the query string, where proxy logs, browser history and
 ``Referer`` headers keep it. Instead the page trades its token (in a header)
-for a ticket bound to one BOM, valid for ``auth.ticket_ttl_s`` and for one
-use. Only a hash of the ticket is stored.
+for a ticket bound to one BOM (or a list of them, or its org), valid for
+``auth.ticket_ttl_s`` and for one use. Only a hash of the ticket is stored.
 
 With Redis configured the tickets live there, so a ticket issued by one
 gateway instance can be redeemed at another behind the same load balancer,
@@ -17,6 +17,7 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -31,6 +32,43 @@ from bomstream.principal import Principal
 MAX_TICKETS = 100_000
 REDIS_KEY_PREFIX = b"bomstream:ticket:"
 CONNECT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a ticket opens, and what a request wants: some BOMs, or the
+    caller's whole org (``scope=org``)."""
+
+    boms: frozenset[str] = frozenset()
+    org_scope: bool = False
+
+    @classmethod
+    def one(cls, bom_id: str) -> Grant:
+        return cls(frozenset((bom_id,)))
+
+    def covers(self, want: Grant) -> bool:
+        """A list opens any part of it; an org ticket opens only the org stream."""
+        if self.org_scope or want.org_scope:
+            return self.org_scope and want.org_scope
+        return want.boms <= self.boms
+
+    def record(self) -> dict[str, Any]:
+        if self.org_scope:
+            return {"scope": "org"}
+        if len(self.boms) == 1:
+            return {"bom_id": next(iter(self.boms))}
+        return {"bom_ids": sorted(self.boms)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Grant:
+        if record.get("scope") == "org":
+            return cls(org_scope=True)
+        if isinstance(record.get("bom_id"), str):
+            return cls.one(record["bom_id"])
+        ids = record.get("bom_ids")
+        if isinstance(ids, list) and all(isinstance(b, str) for b in ids):
+            return cls(frozenset(ids))
+        return cls()
 
 
 class TicketRejected(Exception):
@@ -48,9 +86,9 @@ class TicketStoreUnavailable(Exception):
 class TicketStore(Protocol):
     ttl_s: float
 
-    async def issue(self, bom_id: str, principal: Principal) -> str: ...
+    async def issue(self, grant: Grant, principal: Principal) -> str: ...
 
-    async def redeem(self, ticket: str, bom_id: str) -> Principal:
+    async def redeem(self, ticket: str, want: Grant) -> Principal:
         """The principal a ticket was issued to; it can never be redeemed again."""
         ...
 
@@ -75,7 +113,7 @@ class MemoryTicketStore:
         self.ttl_s = ttl_s
         # digest -> (bom_id, principal, monotonic expiry); every ticket has the
         # same lifetime, so insertion order is expiry order.
-        self._tickets: OrderedDict[bytes, tuple[str, Principal, float]] = OrderedDict()
+        self._tickets: OrderedDict[bytes, tuple[Grant, Principal, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._tickets)
@@ -88,25 +126,25 @@ class MemoryTicketStore:
                 break
             tickets.popitem(last=False)
 
-    async def issue(self, bom_id: str, principal: Principal) -> str:
+    async def issue(self, grant: Grant, principal: Principal) -> str:
         now = time.monotonic()
         self._purge(now)
         if len(self._tickets) >= MAX_TICKETS:
             raise TicketStoreFull
         ticket = _new_ticket()
         self._tickets[_digest(ticket)] = (
-            bom_id,
+            grant,
             _as_ticket_principal(principal),
             now + self.ttl_s,
         )
         return ticket
 
-    async def redeem(self, ticket: str, bom_id: str) -> Principal:
+    async def redeem(self, ticket: str, want: Grant) -> Principal:
         entry = self._tickets.pop(_digest(ticket), None)
         if entry is None:
             raise TicketRejected
-        held_bom, principal, expires = entry
-        if expires <= time.monotonic() or held_bom != bom_id:
+        granted, principal, expires = entry
+        if expires <= time.monotonic() or not granted.covers(want):
             raise TicketRejected
         return principal
 
@@ -133,11 +171,11 @@ class RedisTicketStore:
                 )
         return self._client
 
-    async def issue(self, bom_id: str, principal: Principal) -> str:
+    async def issue(self, grant: Grant, principal: Principal) -> str:
         ticket = _new_ticket()
         p = _as_ticket_principal(principal)
         record: dict[str, Any] = {
-            "bom_id": bom_id,
+            **grant.record(),
             "org": p.org,
             "expires_at": p.expires_at,
             "subject": p.subject,
@@ -152,7 +190,7 @@ class RedisTicketStore:
             raise TicketStoreUnavailable from exc
         return ticket
 
-    async def redeem(self, ticket: str, bom_id: str) -> Principal:
+    async def redeem(self, ticket: str, want: Grant) -> Principal:
         try:
             # GETDEL makes redemption atomic across every instance sharing Redis.
             raw = await self._redis().getdel(REDIS_KEY_PREFIX + _digest(ticket))
@@ -161,7 +199,7 @@ class RedisTicketStore:
         if raw is None:
             raise TicketRejected
         record = orjson.loads(raw)
-        if record.get("bom_id") != bom_id:
+        if not Grant.from_record(record).covers(want):
             raise TicketRejected
         return Principal(
             kind="ticket",
