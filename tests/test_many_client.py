@@ -320,3 +320,58 @@ async def test_open_many_gives_up_on_a_list_the_gateway_refuses_and_says_why(
         assert len(seen.polls) == 1
         assert len(seen.streams) == 3
         assert await page.evaluate("window.client.error.message") == "at most 2"
+
+
+async def test_open_org_asks_once_after_a_resume_for_the_unfinished_boms_the_gateway_forgot(
+    browser: Browser,
+) -> None:
+    seen = Seen()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        seen.streams.append(request)
+        if len(seen.streams) == 1:
+            return await sse_response(
+                request,
+                connected(None)
+                + frame("c1", "a", "a1", "enrichment.progress", 50)
+                + frame("c2", "b", "b1", "enrichment.progress", 50)
+                + frame("c3", "z", "z-done", "enrichment.completed", 100),
+            )
+        # A restarted gateway: it places the cursor but knows nothing of b.
+        resp = await sse_response(
+            request,
+            connected(None, resumed=True) + frame("c4", "a", "a2", "enrichment.progress", 70),
+        )
+        return await hold_open(resp)
+
+    async def poll(request: web.Request) -> web.Response:
+        seen.polls.append(request)
+        # Answered after the live a2, so a's older snapshot must not win.
+        await asyncio.sleep(0.3)
+        events = [
+            {"event_id": "a1", "event_type": "enrichment.progress", "bom_id": "a",
+             "state": {"percent_complete": 50}},
+            {"event_id": "b-done", "event_type": "enrichment.completed", "bom_id": "b",
+             "state": {"status": "completed", "percent_complete": 100}},
+        ]  # fmt: skip
+        return web.json_response({"bom_ids": ["a", "b"], "events": events, "cursor": "x",
+                                  "resumed": False, "gaps": [], "finished": ["b"]})  # fmt: skip
+
+    async with scripted(stream, poll) as base:
+        page = await browser.new_page()
+        await open_client(page, base, "openOrg", {})
+        await wait_until(page, "window.client.bom('b') && window.client.bom('b').finished")
+        await asyncio.sleep(1)
+
+        calls = await page.evaluate("window.calls")
+        assert applied(calls, "a") == ["a1", "a2"]
+        assert applied(calls, "b") == ["b1", "b-done"]
+        assert await page.evaluate("window.client.bom('a').state.percent_complete") == 70
+        assert await page.evaluate("window.client.duplicates") == 0
+        # One request, naming only the unfinished BOMs, for their latest events.
+        assert len(seen.polls) == 1
+        assert seen.polls[0].query.getall("bom_id") == ["a", "b"]
+        assert "after" not in seen.polls[0].query
+        # The cursor is the stream's, untouched by the check.
+        assert await page.evaluate("window.client.lastEventId") == "c4"
+        assert await page.evaluate("window.client.mode") == "sse"
