@@ -223,7 +223,7 @@ async def test_admin_token_in_the_fragment_opens_stream_and_index_and_leaves_the
     context = await browser.new_context()
     other = await context.new_page()
     await other.goto(f"{gateway.url}/")
-    await other.wait_for_selector("text=needs the admin token", timeout=WAIT_MS)
+    await other.wait_for_selector("text=needs a token", timeout=WAIT_MS)
     assert await other.is_hidden("#boms")
     await context.close()
 
