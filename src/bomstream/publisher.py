@@ -41,6 +41,7 @@ from bomstream.history.redis_scripts import (
     APPEND_AND_PUBLISH,
     APPEND_AND_SPUBLISH,
     ids_key,
+    sequence_key,
     stream_key,
 )
 
@@ -147,6 +148,9 @@ class PublishSettings:
         channel = self.channel_prefix + ev.bom_id
         tag = channel if self.cluster else None
         keys = [stream_key(prefix, ev.bom_id, tag), ids_key(prefix, ev.bom_id, tag)]
+        if not self.cluster:
+            # One counter orders every BOM's events (see redis_scripts).
+            keys.append(sequence_key(prefix))
         args = [ev.event_id, ev.data, self.events_per_bom, int(self.retention_s * 1000), channel]
         return keys, args
 

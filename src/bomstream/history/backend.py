@@ -31,6 +31,11 @@ class HistoryBackend(Protocol):
         """The BOM's latest ``limit`` events, oldest first. Raises :class:`HistoryError`."""
         ...
 
+    async def read_rows(self, bom_id: str, limit: int) -> list[tuple[bytes, int]]:
+        """As :meth:`read`, each event with the sequence history gave it when
+        it was stored (0 where history keeps none)."""
+        ...
+
     def record(self, event: Event) -> None:
         """Store an event this instance received from the feed; never blocks.
         A backend that only reads (postgres) ignores it."""

@@ -171,6 +171,10 @@ class PostgresHistory:
             return []
         return [encode_json(e) for e in events]
 
+    async def read_rows(self, bom_id: str, limit: int) -> list[tuple[bytes, int]]:
+        # The workers' table orders a BOM's rows, not events across BOMs.
+        return [(raw, 0) for raw in await self.read(bom_id, limit)]
+
     def record(self, event: Event) -> None:
         """The workers write the table; nothing to do."""
 

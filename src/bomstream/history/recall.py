@@ -193,7 +193,7 @@ class Recall:
         self.reads += 1
         try:
             async with asyncio.timeout(self._timeout):
-                rows = await self._backend.read(bom_id, self._limit)
+                rows = await self._backend.read_rows(bom_id, self._limit)
         except (HistoryError, TimeoutError) as exc:
             self._metrics.history_reads.labels("error").inc()
             if not (isinstance(exc, HistoryError) and exc.scoped):
@@ -220,9 +220,9 @@ class Recall:
         self._hub.begin_resync(bom_id)
         return "again" if watcher.epoch(bom_id) >= 0 else "done"
 
-    def _parse(self, bom_id: str, rows: list[bytes]) -> list[Event]:
+    def _parse(self, bom_id: str, rows: list[tuple[bytes, int]]) -> list[Event]:
         out = []
-        for raw in rows:
+        for raw, seq in rows:
             try:
                 ev = parse_event(
                     raw,
@@ -234,6 +234,7 @@ class Recall:
                 self._metrics.events_dropped.labels(exc.code).inc()
                 self._drops.drop(exc.code)
                 continue
+            ev.hseq = seq
             out.append(ev)
         return out
 
