@@ -11,6 +11,7 @@ import redis
 
 from bomstream.history.redis_scripts import sequence_key, stream_key
 from bomstream.publisher import Publisher
+from tests.authkit import ADMIN, SECRET, org_token
 from tests.conftest import progress
 from tests.gateway_proc import GatewayProcess
 from tests.multi_kit import by_bom, connected, nothing_more, open_multi, read_events
@@ -86,3 +87,27 @@ def sequence(redis_server: RedisProcess) -> int:
         return int(client.get(sequence_key(PREFIX)) or 0)
     finally:
         client.close()
+
+
+async def test_an_org_stream_on_a_fresh_gateway_finds_the_orgs_boms_in_history(
+    redis_server: RedisProcess, gateways: list[GatewayProcess]
+) -> None:
+    with Publisher(redis_server.url) as pub:
+        for i in range(3):
+            for org in ("org-a", "org-b"):
+                bom = f"{org}-bom-{i}"
+                for n in range(1, 3):
+                    pub.publish(bom, progress(bom, n, organization_id=org))
+    # Started after every event: it holds nothing until a stream asks.
+    gw = GatewayProcess(redis_url=redis_server.url, auth_jwt_secret=SECRET, auth_admin_token=ADMIN)
+    gateways.append(gw)
+    async with aiohttp.ClientSession() as http:
+        await gw.start(http)
+        async with open_multi(http, gw.url, None, token=org_token("org-a")) as s:
+            await connected(s)
+            snaps = by_bom(await read_events(s, 3))
+            assert snaps == {f"org-a-bom-{i}": [f"org-a-bom-{i}-e2"] for i in range(3)}
+            await nothing_more(s, 0.3)
+        async with open_multi(http, gw.url, None, token=ADMIN) as s:
+            await connected(s)
+            assert len(by_bom(await read_events(s, 6))) == 6

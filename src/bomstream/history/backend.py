@@ -36,6 +36,11 @@ class HistoryBackend(Protocol):
         it was stored (0 where history keeps none)."""
         ...
 
+    async def recent_boms(self, org: str | None, limit: int) -> list[str]:
+        """The BOMs of ``org`` (None: of every org) with the newest events,
+        newest first, at most ``limit``; [] where history keeps no such index."""
+        ...
+
     def record(self, event: Event) -> None:
         """Store an event this instance received from the feed; never blocks.
         A backend that only reads (postgres) ignores it."""

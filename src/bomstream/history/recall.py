@@ -122,6 +122,19 @@ class Recall:
                 await self._ensure_loaded(bom_id)
         return live
 
+    async def recent_boms(self, org: str | None, limit: int) -> list[str]:
+        """An org's BOMs with the newest events, from history's index (for a
+        ``scope=org`` catch-up on an instance that has not seen them); [] when
+        history has no index or cannot answer."""
+        if self._backend is None or time.monotonic() < self._down_until:
+            return []
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._backend.recent_boms(org, limit)
+        except (HistoryError, TimeoutError) as exc:
+            self._set_down(str(exc) or type(exc).__name__)
+            return []
+
     async def _ensure_loaded(self, bom_id: str) -> None:
         if self._backend is None or not self._hub.needs_history(bom_id):
             return

@@ -13,9 +13,15 @@ atomically, so an event is stored at most once however many instances try,
 and with ``PUBLISH`` inside the same script, history and the live channel
 never disagree.
 
-KEYS[1] stream, KEYS[2] ids hash, KEYS[3] the sequence counter (absent on
-a cluster); ARGV[1] event_id, ARGV[2] JSON, ARGV[3] cap, ARGV[4] ttl in ms,
-ARGV[5] channel (publish only).
+Beside them, sorted sets of BOMs by their newest event's sequence, one for
+every BOM (``<key_prefix>:boms``) and one per org (``<key_prefix>:org:<org>``),
+capped at ``buffer.max_boms``: a ``scope=org`` stream's catch-up on an
+instance that has just started finds the org's recent BOMs there.
+
+KEYS[1] stream, KEYS[2] ids hash, then (not on a cluster) KEYS[3] the
+sequence counter and KEYS[4...] the BOM indexes; ARGV[1] event_id, ARGV[2]
+JSON, ARGV[3] cap, ARGV[4] ttl in ms, ARGV[5] channel (publish only, else
+''), ARGV[6] the indexes' cap, ARGV[7] bom_id.
 
 On a Redis Cluster a script may touch only keys of one hash slot, and
 SPUBLISH only a channel of that slot. So there the key names carry the
@@ -29,6 +35,8 @@ pattern subscriptions, are not served there).
 """
 
 from __future__ import annotations
+
+from bomstream.events import Event
 
 _APPEND_BODY = """
 local held = redis.call('HGET', KEYS[2], ARGV[1])
@@ -51,6 +59,11 @@ if excess > 0 then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+for i = 4, #KEYS do
+  redis.call('ZADD', KEYS[i], seq, ARGV[7])
+  redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -tonumber(ARGV[6]) - 1)
+  redis.call('PEXPIRE', KEYS[i], ARGV[4])
+end
 return entry, seq
 """
 
@@ -88,3 +101,18 @@ def ids_key(key_prefix: str, bom_id: str, tag: str | None = None) -> str:
 
 def sequence_key(key_prefix: str) -> str:
     return key_prefix + ":seq"
+
+
+def index_key(key_prefix: str, org: str | None) -> str:
+    """The BOMs of one org by recency, or of every org (None)."""
+    return key_prefix + (":boms" if org is None else ":org:" + org)
+
+
+def append_keys(key_prefix: str, event: Event, tag: str | None = None) -> list[str]:
+    """The keys of one append; on a cluster (``tag``) only the BOM's own."""
+    keys = [stream_key(key_prefix, event.bom_id, tag), ids_key(key_prefix, event.bom_id, tag)]
+    if tag is None:
+        keys += [sequence_key(key_prefix), index_key(key_prefix, None)]
+        if event.org is not None:
+            keys.append(index_key(key_prefix, event.org))
+    return keys

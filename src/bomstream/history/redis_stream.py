@@ -37,7 +37,7 @@ from bomstream.config import Config
 from bomstream.eventloop import raise_if_cancelled
 from bomstream.events import Event
 from bomstream.history.backend import HistoryError
-from bomstream.history.redis_scripts import APPEND, ids_key, sequence_key, stream_key
+from bomstream.history.redis_scripts import APPEND, append_keys, ids_key, index_key, stream_key
 from bomstream.logs import FIELDS
 from bomstream.metrics import Metrics
 
@@ -55,6 +55,7 @@ class RedisStreamHistory:
     def __init__(self, cfg: Config, metrics: Metrics) -> None:
         self._prefix = cfg.history.key_prefix
         self._cap = cfg.buffer.events_per_bom
+        self._max_boms = cfg.buffer.max_boms
         self._ttl_ms = int(cfg.buffer.retention_s * 1000)
         self._timeout = cfg.history.timeout_s
         self._metrics = metrics
@@ -89,8 +90,12 @@ class RedisStreamHistory:
         tag = None if self._tag_prefix is None else self._tag_prefix + bom_id
         return [stream_key(self._prefix, bom_id, tag), ids_key(self._prefix, bom_id, tag)]
 
-    def _append_keys(self, bom_id: str) -> list[str]:
-        return [*self._keys(bom_id), sequence_key(self._prefix)]
+    async def recent_boms(self, org: str | None, limit: int) -> list[str]:
+        try:
+            ids = await self._client.zrevrange(index_key(self._prefix, org), 0, limit - 1)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise HistoryError(f"redis: {type(exc).__name__}") from None
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     async def read(self, bom_id: str, limit: int) -> list[bytes]:
         return [data for data, _ in await self.read_rows(bom_id, limit)]
@@ -180,8 +185,16 @@ class RedisStreamHistory:
         ):
             for ev in batch:
                 await self._append(
-                    keys=self._append_keys(ev.bom_id),
-                    args=[ev.event_id, ev.data, self._cap, self._ttl_ms],
+                    keys=append_keys(self._prefix, ev),
+                    args=[
+                        ev.event_id,
+                        ev.data,
+                        self._cap,
+                        self._ttl_ms,
+                        "",
+                        self._max_boms,
+                        ev.bom_id,
+                    ],
                     client=pipe,
                 )
             results: list[tuple[bytes, int]] = await pipe.execute()
