@@ -89,6 +89,13 @@ def fleet(n: int) -> list[SimulatedBom]:
     return boms
 
 
+def completed(bom_id: str) -> dict[str, Any]:
+    event = progress(bom_id, 10, total=10, event_id=f"{bom_id}-done")
+    event.update(event_type="enrichment.completed")
+    event["state"].update(status="completed")
+    return event
+
+
 def by_bom(sent: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for event in sent:
@@ -196,9 +203,10 @@ async def test_index_survives_a_gateway_restart_without_applying_any_event_twice
     await page.wait_for_selector('#connection[data-conn="live"]', timeout=WAIT_MS)
 
     boms = fleet(20)
-    # Two more BOMs whose jobs end while the gateway is down: nothing about
-    # them reaches the restarted gateway live.
+    # Two BOMs whose jobs end while the gateway is down, and one whose whole
+    # job runs then: nothing of them reaches the restarted gateway live.
     late = ["late-1", "late-2"]
+    ghost = "ghost-1"
     sent: list[dict[str, Any]] = []
     # A worker publishing to Redis (history and channel), as in production:
     # it carries on while the gateway is down.
@@ -214,27 +222,23 @@ async def test_index_survives_a_gateway_restart_without_applying_any_event_twice
             run_rounds(boms, publish, speed=3, rounds=1, seed=21, stagger_s=0.5)
         )
         try:
-            # Every job under way (the page must know a BOM to check on it; a
-            # BOM that starts and ends while the gateway is down never reaches
-            # an org stream, see the README), most of them far from done.
-            await wait_until(page, "Object.keys(window.__rows).length === 22", timeout=30)
+            # Some jobs not started yet, most of them far from done.
+            await wait_until(page, "Object.keys(window.__rows).length >= 10", timeout=30)
             ended = sum(e["event_type"] in TERMINAL for e in sent)
             gw.stop()
-            for bom_id in late:
-                done = progress(bom_id, 10, total=10, event_id=f"{bom_id}-done")
-                done.update(event_type="enrichment.completed")
-                done["state"].update(status="completed")
-                await publish(done)
+            await publish(progress(ghost, 3, total=10))
+            for bom_id in [*late, ghost]:
+                await publish(completed(bom_id))
             gw.env["BOMSTREAM_SERVER_PORT"] = str(gw.port)
             await gw.start(http)
         finally:
             await run
     assert ended <= 10, "the restart must come while most jobs run"
     per_bom = by_bom(sent)
-    await wait_until(page, ALL_FINISHED.format(n=22), timeout=40)
+    await wait_until(page, ALL_FINISHED.format(n=23), timeout=40)
 
     recorded = await rows(page)
-    for bom_id in [b.bom_id for b in boms] + late:
+    for bom_id in [b.bom_id for b in boms] + late + [ghost]:
         published = [e["event_id"] for e in per_bom[bom_id]]
         shown = recorded[bom_id]["events"]
         assert len(shown) == len(set(shown)), f"{bom_id}: an event was applied twice"
@@ -255,9 +259,6 @@ async def test_index_survives_a_gateway_restart_without_applying_any_event_twice
     for req in reached:
         headers = await req.all_headers()
         assert headers.get("last-event-id") or "last_event_id=" in req.url, req.url
-    # The late BOMs' ends came from the one check after the resume.
-    checks = [r for r in log.to("/api/enrichment/events?") if "bom_id=late-1" in r.url]
-    assert len(checks) >= 1 and all("after=" not in r.url for r in checks)
     await screenshot(page, "index-live-after-restart.png")
 
 

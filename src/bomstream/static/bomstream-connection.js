@@ -92,8 +92,8 @@
   //
   // Mixed into each client. A client supplies _streamUrl(creds), _pollUrl(),
   // _ticketRequest(), _onConnected(data), _onMessage(ev, sseId),
-  // _endsWith(reason), _applyPage(page, back) and _fatalStatus (the poll
-  // answers that no retry can mend).
+  // _endsWith(reason), _applyPage(page) and _fatalStatus (the poll answers
+  // that no retry can mend).
 
   var Engine = {};
 
@@ -279,8 +279,7 @@
     this._trial = false;
     this.mode = "polling";
     // Back from a failed trial, the last poll's outcome still holds.
-    if (!afterTrial) this._pollOk = false;
-    this.connected = this._pollOk;
+    this.connected = afterTrial ? this._pollOk : false;
     this._pollFailures = 0;
     this._notify();
     this._poll();
@@ -329,14 +328,12 @@
         if (generation !== self._generation || self.mode !== "polling") return;
         self._poller = null;
         self._pollFailures = 0;
-        // The first good poll since polling began or since polls failed.
-        var back = !self._pollOk;
         self._pollOk = true;
         if (!self.connected) {
           self.connected = true;
           self._notify();
         }
-        self._applyPage(page, back);
+        self._applyPage(page);
       })
       .catch(function (err) {
         if (generation !== self._generation || self.mode !== "polling") return;
@@ -405,7 +402,6 @@
     _parts: {
       Engine: Engine,
       bomStreamError: bomStreamError,
-      resolveCredential: resolveCredential,
       query: query,
       POLL_LIMIT: POLL_LIMIT,
     },

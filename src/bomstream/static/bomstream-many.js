@@ -32,9 +32,6 @@
   var BomView = parts.BomView;
   var query = parts.query;
   var POLL_LIMIT = parts.POLL_LIMIT;
-  var resolveCredential = parts.resolveCredential;
-  // The gateway's default limits.max_boms_per_stream.
-  var IDS_PER_REQUEST = 100;
   // Beyond this many BOMs an org client forgets the finished one updated
   // longest ago, so a page left open for days keeps a bounded memory.
   var DEFAULT_MAX_BOMS = 500;
@@ -131,49 +128,7 @@
   };
 
   ManyClient.prototype._onConnected = function (data) {
-    if (!this.lastEventId) return;
-    this._countGaps(data);
-    this._checkUnfinished();
-  };
-
-  // Resumed, an org stream or poll answers for the BOMs the gateway instance
-  // holds now, and one restarted (or one that never saw a BOM) holds none of
-  // those it has not heard of since: a BOM that finished meanwhile would show
-  // its old progress for good. So once per resume, ask for the latest event
-  // of every unfinished BOM shown, naming them (the gateway then reads its
-  // history for each). A BOM that gets an event before the answer keeps it.
-  ManyClient.prototype._checkUnfinished = function () {
-    if (!this.scope) return;
-    var ids = [];
-    this.boms.forEach(function (view) {
-      if (!view.finished) ids.push(view.bomId);
-    });
-    var self = this;
-    var since = this._seq;
-    var opts = this._opts;
-    for (var i = 0; i < ids.length; i += IDS_PER_REQUEST) {
-      var url = this.baseUrl + "/api/enrichment/events" + query({ bom_id: ids.slice(i, i + IDS_PER_REQUEST) });
-      resolveCredential(opts.token)
-        .then(function (url, token) {
-          var headers = { Accept: "application/json" };
-          if (token) headers.Authorization = "Bearer " + token;
-          var credentials = opts.withCredentials ? "include" : "same-origin";
-          return fetch(url, { headers: headers, cache: "no-store", credentials: credentials });
-        }.bind(null, url))
-        .then(function (resp) {
-          return resp.ok ? resp.json() : null;
-        })
-        .then(function (page) {
-          if (!page || self.mode === "closed") return;
-          (page.events || []).forEach(function (ev) {
-            var view = self.boms.get(ev.bom_id);
-            if (view && view.touched <= since) self._onMessage(ev, null);
-          });
-        })
-        .catch(function () {
-          // Only a check: the stream or the next poll carries on regardless.
-        });
-    }
+    if (this.lastEventId) this._countGaps(data);
   };
 
   ManyClient.prototype._countGaps = function (answer) {
@@ -213,10 +168,9 @@
     return !open;
   };
 
-  ManyClient.prototype._applyPage = function (page, back) {
+  ManyClient.prototype._applyPage = function (page) {
     var events = page.events || [];
     if (this.lastEventId) this._countGaps(page);
-    if (back && this.lastEventId) this._checkUnfinished();
     for (var i = 0; i < events.length && this.mode === "polling"; i++) {
       this._onMessage(events[i], null);
     }
