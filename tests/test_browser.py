@@ -223,7 +223,7 @@ async def test_admin_token_in_the_fragment_opens_stream_and_index_and_leaves_the
     context = await browser.new_context()
     other = await context.new_page()
     await other.goto(f"{gateway.url}/")
-    await other.wait_for_selector("text=needs the admin token", timeout=WAIT_MS)
+    await other.wait_for_selector("text=needs a token", timeout=WAIT_MS)
     assert await other.is_hidden("#boms")
     await context.close()
 
@@ -354,10 +354,12 @@ async def test_client_stops_on_forbidden_and_token_expired_but_resumes_after_max
         return resp
 
     async def page_html(request: web.Request) -> web.Response:
-        script = (resources.files("bomstream") / "static" / "bomstream.js").read_text()
-        return web.Response(
-            text=f"<!doctype html><script>{script}</script>", content_type="text/html"
+        static = resources.files("bomstream") / "static"
+        scripts = "".join(
+            f"<script>{(static / name).read_text()}</script>"
+            for name in ("bomstream-connection.js", "bomstream.js")
         )
+        return web.Response(text=f"<!doctype html>{scripts}", content_type="text/html")
 
     app = web.Application()
     app.router.add_get("/", page_html)

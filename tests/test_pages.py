@@ -26,7 +26,9 @@ async def test_static_assets_have_types_and_revalidate_with_etag(
     gateway: RunningGateway, http: aiohttp.ClientSession
 ) -> None:
     types = {
+        "bomstream-connection.js": "text/javascript; charset=utf-8",
         "bomstream.js": "text/javascript; charset=utf-8",
+        "bomstream-many.js": "text/javascript; charset=utf-8",
         "monitor.js": "text/javascript; charset=utf-8",
         "index.js": "text/javascript; charset=utf-8",
         "monitor.css": "text/css; charset=utf-8",
