@@ -26,7 +26,7 @@ SECRET = "gcpauses-jwt-secret-gcpauses-jwt-secret"
 
 
 async def measure(args: argparse.Namespace) -> None:
-    from bomstream.config import load_config
+    from bomstream.config_load import load_config
     from bomstream.server import start
 
     overrides = {

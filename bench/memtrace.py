@@ -28,7 +28,7 @@ SECRET = "memtrace-jwt-secret-memtrace-jwt-secret"
 
 
 async def measure(args: argparse.Namespace) -> None:
-    from bomstream.config import load_config
+    from bomstream.config_load import load_config
     from bomstream.server import start
 
     cfg = load_config(

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import uvloop
 
-from bomstream.config import load_config
+from bomstream.config_load import load_config
 from bomstream.server import RunningGateway, start
 from tests.gateway_proc import GatewayProcess
 from tests.pg_proc import PgTemplate, PostgresProcess

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bomstream.config import ConfigError, load_config
+from bomstream.config import ConfigError
+from bomstream.config_load import load_config
 from tests.cli_proc import run_cli
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bomstream.config import describe_keys
+from bomstream.config_load import describe_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from bomstream.cli import main
-from bomstream.config import load_config
+from bomstream.config_load import load_config
 from bomstream.healthcheck import health_url
 from tests.conftest import StartGateway
 from tests.redis_proc import free_port

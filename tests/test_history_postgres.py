@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 import pytest
 
-from bomstream.config import load_config
+from bomstream.config_load import load_config
 from bomstream.events import parse_event
 from bomstream.history.backend import HistoryBackend, HistoryError
 from bomstream.history.postgres import APPLICATION_NAME, PostgresHistory, row_to_event

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from bomstream.config import load_config
+from bomstream.config_load import load_config
 from bomstream.hub import Hub
 from bomstream.metrics import Metrics
 from bomstream.principal import OPEN

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from bomstream.cli import _overrides, build_parser
-from bomstream.config import load_config
+from bomstream.config_load import load_config
 from bomstream.logs import FIELDS, ProcessFields
 from bomstream.supervisors import worker_count
 from bomstream.supervisors.backoff import RestartBackoff

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bomstream.config import Config, ConfigError, load_config
+from bomstream.config import Config, ConfigError
+from bomstream.config_load import load_config
 from bomstream.eventloop import run
 
 EXIT_CONFIG = 2

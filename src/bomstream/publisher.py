@@ -35,7 +35,8 @@ from redis.backoff import ConstantBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry as SyncRetry
 
-from bomstream.config import DEFAULT_TERMINAL_TYPES, Config, ConfigError, load_config
+from bomstream.config import DEFAULT_TERMINAL_TYPES, Config, ConfigError
+from bomstream.config_load import load_config
 from bomstream.events import Event, EventRejected, is_safe_event_id, is_valid_bom_id, parse_event
 from bomstream.history.redis_scripts import (
     APPEND_AND_PUBLISH,

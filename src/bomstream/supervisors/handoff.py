@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from bomstream.config import Config, ConfigError, load_config
+from bomstream.config import Config, ConfigError
+from bomstream.config_load import load_config
 
 LISTENING = b"listening\n"
 # A config is a few kilobytes; this only bounds a broken pipe's garbage.
