@@ -4,8 +4,10 @@ Everything here is synchronous and runs on the event loop thread, which is
 what makes replay race-free: reading the buffer for a new stream's catch-up
 and registering that stream for live events happen in one step, with no
 ``await`` in between, so no event can fall between them or arrive twice.
-Who watches what lives in :mod:`bomstream.channel`; writing events to the
-streams in :mod:`bomstream.fanout`.
+Who watches what lives in :mod:`bomstream.channel` (and, for streams of
+several BOMs, :mod:`bomstream.multi.registry`); writing events to the
+streams in :mod:`bomstream.fanout`; what a new stream is sent first in
+:mod:`bomstream.catchup` and :mod:`bomstream.multi.catchup`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,7 @@ from bomstream.buffer import Position
 from bomstream.catchup import Access, access, catchup
 from bomstream.channel import Channel, Group, NoWatchers, Opened, Subscriber, Watchers
 from bomstream.config import Config
-from bomstream.events import (
-    Event,
-    chunk,
-    connected_frame,
-    retry_frame,
-    stream_end_chunk,
-)
+from bomstream.events import Event, chunk, connected_frame, retry_frame, stream_end_chunk
 from bomstream.fanout import FanOut
 from bomstream.merge import Resyncs, merge_plain, merge_resync
 from bomstream.metrics import Metrics
@@ -425,11 +421,3 @@ class Hub:
         for bom_id in stale:
             self._forget(bom_id)
         return len(stale)
-
-    async def run_sweeper(self) -> None:
-        interval = max(0.05, min(30.0, self._cfg.buffer.retention_s / 4))
-        while True:
-            await asyncio.sleep(interval)
-            forgotten = self.sweep()
-            if forgotten:
-                log.debug("forgot %d idle BOMs", forgotten)

@@ -122,7 +122,7 @@ async def _background_tasks(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(gw.broker.run(), name="broker"),
         asyncio.create_task(gw.recall.run(), name="history"),
-        asyncio.create_task(gw.hub.run_sweeper(), name="sweeper"),
+        asyncio.create_task(sweep_idle_boms(gw.hub, gw.cfg.buffer.retention_s), name="sweeper"),
         asyncio.create_task(probe_loop_lag(gw.metrics.loop_lag), name="loop-lag"),
     ]
     yield
@@ -246,3 +246,14 @@ async def serve(
     finally:
         await running.stop()
         log.info("bomstream stopped" if role is None else "worker stopped")
+
+
+async def sweep_idle_boms(hub: Hub, retention_s: float) -> None:
+    """The sweeper task: forgets BOMs idle for ``buffer.retention_s``, a few
+    times per retention period."""
+    interval = max(0.05, min(30.0, retention_s / 4))
+    while True:
+        await asyncio.sleep(interval)
+        forgotten = hub.sweep()
+        if forgotten:
+            log.debug("forgot %d idle BOMs", forgotten)
