@@ -23,6 +23,7 @@ from bomstream.loadtest.procstat import ProcSample
 _SUMMED = (
     "streams",
     "established",
+    "subscriptions",
     "reconnects",
     "slow_consumers",
     "slow_consumers_cut",
@@ -45,6 +46,8 @@ class StreamCounts:
 
     streams: int = 0
     established: int = 0
+    # BOMs watched over the established streams (one each on single-BOM streams).
+    subscriptions: int = 0
     reconnects: int = 0
     slow_consumers: int = 0
     slow_consumers_cut: int = 0

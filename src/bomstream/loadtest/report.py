@@ -41,6 +41,8 @@ class Report:
             "connections": {
                 "target": opts.connections,
                 "established": c.established,
+                "boms_per_stream": opts.boms_per_stream,
+                "subscriptions": c.subscriptions,
                 "failed": dict(c.failed),
                 "time_to_connect_s": round(c.connect_s, 3),
                 "connect_rate_target": opts.connect_rate,
@@ -97,6 +99,8 @@ class Report:
             if c.established:
                 grown = gateway.rss_kb_held - gateway.rss_kb_before
                 g["rss_kb_per_stream"] = round(grown / c.established, 2)
+            if c.subscriptions:
+                g["rss_kb_per_subscription"] = round(grown / c.subscriptions, 3)
             if gateway.cpu_s_publish is not None and received:
                 g["cpu_s_per_100k_deliveries"] = round(
                     gateway.cpu_s_publish * 100_000 / received, 3
@@ -110,7 +114,7 @@ class Report:
         failed = ", ".join(f"{k}: {n}" for k, n in sorted(c["failed"].items())) or "none"
         rows = [
             ("url", d["url"]),
-            ("streams", f"{c['established']}/{c['target']} over {d['boms']} BOMs"),
+            ("streams", _streams_row(d)),
             ("failed", failed),
             ("time to connect", f"{c['time_to_connect_s']:.2f} s"),
             ("reconnects", str(c["reconnects"])),
@@ -141,7 +145,12 @@ class Report:
                 (
                     "gateway RSS",
                     f"{g['rss_kb_before'] / 1024:.1f} -> {g['rss_kb_held'] / 1024:.1f} MiB"
-                    f" ({g.get('rss_kb_per_stream', 0):.2f} KiB/stream)",
+                    f" ({g.get('rss_kb_per_stream', 0):.2f} KiB/stream"
+                    + (
+                        f", {g.get('rss_kb_per_subscription', 0):.3f} KiB/subscription)"
+                        if c["boms_per_stream"]
+                        else ")"
+                    ),
                 )
             )
             if g.get("cpu_s_publish") is not None:
@@ -158,6 +167,14 @@ class Report:
         if d["client_cpu_warning"]:
             lines.append(f"warning: {d['client_cpu_warning']}")
         return "\n".join(lines)
+
+
+def _streams_row(d: dict[str, Any]) -> str:
+    c = d["connections"]
+    row = f"{c['established']}/{c['target']} over {d['boms']} BOMs"
+    if c["boms_per_stream"]:
+        row += f", {c['boms_per_stream']} a stream ({c['subscriptions']} subscriptions)"
+    return row
 
 
 def _part_json(part: ClientPart) -> dict[str, Any]:
