@@ -86,10 +86,10 @@ async def test_a_closed_stream_leaves_no_deadline_behind(
     hub = gw.gateway.hub
     async with open_stream(http, gw.url, "bom-e") as s:
         await s.next_event()
-        assert len(hub._deadlines) == 1
+        assert len(hub._timers._deadlines) == 1
     for _ in range(100):
         if hub.stream_count == 0:
             break
         await asyncio.sleep(0.02)
     assert hub.stream_count == 0
-    assert len(hub._deadlines) == 0
+    assert len(hub._timers._deadlines) == 0

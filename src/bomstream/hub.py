@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter, OrderedDict
-from typing import Literal
 
-from bomstream.channel import Channel, Group, NoWatchers, Opened, Subscriber, Watchers, visible
+from bomstream.catchup import Access, access, catchup
+from bomstream.channel import Channel, Group, NoWatchers, Opened, Subscriber, Watchers
 from bomstream.config import Config
-from bomstream.deadlines import Deadlines
 from bomstream.events import (
-    KEEPALIVE_CHUNK,
     Event,
     chunk,
     connected_frame,
@@ -31,20 +28,18 @@ from bomstream.events import (
 from bomstream.fanout import FanOut
 from bomstream.merge import Resyncs, merge_plain, merge_resync
 from bomstream.metrics import Metrics
-from bomstream.multi.catchup import Plan, plan
+from bomstream.multi.catchup import Plan, finished, newest_of_org, plan
 from bomstream.multi.cursor import connected_frame as multi_connected_frame
 from bomstream.multi.cursor import multi_chunk
 from bomstream.multi.registry import MultiSub, Registry
 from bomstream.principal import Principal
-from bomstream.reasons import CLIENT_GONE, MAX_DURATION, SERVER_SHUTDOWN, TOKEN_EXPIRED
-from bomstream.wheel import TimerWheel
+from bomstream.reasons import CLIENT_GONE, SERVER_SHUTDOWN
+from bomstream.timers import StreamTimers
 
 # The reasons the request handlers name are re-exported from here.
 __all__ = ["CLIENT_GONE", "SERVER_SHUTDOWN", "Access", "Hub"]
 
 log = logging.getLogger("bomstream.hub")
-
-Access = Literal["ok", "forbidden", "finished"]
 
 
 class Hub:
@@ -58,9 +53,10 @@ class Hub:
         self._flush_handle: asyncio.Handle | None = None
         self._retry_chunk = chunk(retry_frame(cfg.server.retry_ms))
         self._send_limit = cfg.server.send_queue_bytes
-        self._beats: TimerWheel[Subscriber] = TimerWheel(cfg.server.heartbeat_s, self._heartbeat)
-        self._deadlines: Deadlines[Subscriber] = Deadlines(self.end)
         self._fanout = FanOut(metrics, self._send_limit, self.end, self._finish)
+        self._timers = StreamTimers(
+            cfg.server, end=self.end, finish=self._finish, cut_slow=self._fanout.cut_slow
+        )
         self._resyncs = Resyncs(self._channels, self._dirty, self._fanout, metrics)
         self._multi = Registry(
             self._channels, metrics, self._send_limit, self._finish, self._fanout.cut_slow
@@ -212,32 +208,8 @@ class Hub:
     # -- streams -------------------------------------------------------------
 
     def check_access(self, bom_id: str, principal: Principal, last_event_id: str | None) -> Access:
-        """Decide before any byte is sent: 403 for another org's BOM, 204 when the
-        client already holds the BOM's terminal event."""
-        ch = self._channels.get(bom_id)
-        if ch is None:
-            return "ok"
-        if principal.org is not None and ch.owner is not None and ch.owner != principal.org:
-            return "forbidden"
-        if last_event_id is not None:
-            anchor = ch.buffer.get(last_event_id)
-            latest = ch.buffer.latest
-            # Finished when the run is over and the client holds everything of
-            # it that it may see (the terminal event itself may be invisible).
-            if (
-                anchor is not None
-                and latest is not None
-                and latest.terminal
-                and not any(visible(e, principal.org) for e in ch.buffer.after(anchor))
-            ):
-                return "finished"
-        return "ok"
-
-    def _latestvisible(self, ch: Channel, org: str | None) -> Event | None:
-        for ev in reversed(ch.buffer):
-            if visible(ev, org):
-                return ev
-        return None
+        """Decide before any byte is sent (:func:`bomstream.catchup.access`)."""
+        return access(self._channels.get(bom_id), principal, last_event_id)
 
     def open(
         self,
@@ -253,46 +225,21 @@ class Hub:
             self._fanout.flush(ch)
             self._dirty.pop(bom_id, None)
         org = principal.org
-        resumed = False
-        catchup: list[Event] = []
-        if ch is None and last_event_id:
-            self._metrics.replay.labels("miss").inc()
-        if ch is not None:
-            anchor = ch.buffer.get(last_event_id) if last_event_id else None
-            if last_event_id:
-                self._metrics.replay.labels("hit" if anchor else "miss").inc()
-            if anchor is not None:
-                resumed = True
-                catchup = list(ch.buffer.after(anchor))
-            else:
-                latest = self._latestvisible(ch, org)
-                if latest is not None:
-                    catchup = [latest]
-                if ch.buffer.latest is not None and ch.buffer.latest is not latest:
-                    # An invisible terminal event still ends the run for this stream.
-                    catchup.append(ch.buffer.latest)
-        end_reason: str | None = None
-        # A terminal event this stream may not see still ends it, unless the
-        # stream has visible events after it (a new run has begun).
-        last_visible = max((i for i, e in enumerate(catchup) if visible(e, org)), default=-1)
-        for i, ev in enumerate(catchup):
-            if ev.terminal and (i > last_visible or visible(ev, org)):
-                catchup = catchup[: i + 1]
-                end_reason = ev.event_type
-                break
-        catchup = [e for e in catchup if visible(e, org)]
-        if catchup:
-            self._metrics.events_delivered.inc(len(catchup))
-        parts = [self._retry_chunk, chunk(connected_frame(bom_id, resumed))]
-        parts.extend(e.chunk for e in catchup)
-        if end_reason is not None:
-            parts.append(stream_end_chunk(end_reason))
-            self._metrics.stream_end.labels(end_reason).inc()
-            return Opened(b"".join(parts), None, resumed, end_reason, len(catchup))
+        c = catchup(ch, org, last_event_id)
+        if last_event_id:
+            self._metrics.replay.labels("hit" if c.hit else "miss").inc()
+        sent = len(c.events)
+        self._metrics.events_delivered.inc(sent)
+        parts = [self._retry_chunk, chunk(connected_frame(bom_id, c.resumed))]
+        parts.extend(e.chunk for e in c.events)
+        if c.end_reason is not None:
+            parts.append(stream_end_chunk(c.end_reason))
+            self._metrics.stream_end.labels(c.end_reason).inc()
+            return Opened(b"".join(parts), None, c.resumed, c.end_reason, sent)
         if ch is None:
             ch = self._channels[bom_id] = Channel(bom_id, self._cfg.buffer.events_per_bom)
         sub = Subscriber(bom_id, principal, transport)
-        sub.catchup_events = len(catchup)
+        sub.catchup_events = sent
         sub.gen = ch.merge_gen
         first = not ch.has_subscribers()
         group = ch.groups.get(org)
@@ -303,7 +250,7 @@ class Hub:
         self._register(sub, "single")
         if first:
             self.watchers.first_stream(bom_id)
-        return Opened(b"".join(parts), sub, resumed, None, len(catchup))
+        return Opened(b"".join(parts), sub, c.resumed, None, sent)
 
     def open_multi(
         self,
@@ -337,24 +284,12 @@ class Hub:
         """What a multi-BOM poll returns, and which of its BOMs are finished."""
         listed = boms if boms is not None else self.org_boms(org)
         p = plan(self._channels, listed, org, anchor, self._forgotten_arrival)
-        finished = []
-        for bom_id in listed:
-            ch = self._channels.get(bom_id)
-            latest = ch.buffer.latest if ch is not None else None
-            if latest is not None and latest.terminal:
-                finished.append(bom_id)
-        return p, finished
+        return p, finished(self._channels, listed)
 
     def org_boms(self, org: str | None) -> tuple[str, ...]:
         """The most recently updated BOMs an org (None: every org) may see."""
         limit = self._cfg.limits.max_boms_per_stream
-        out: list[str] = []
-        for bom_id in reversed(self._recency):
-            if org is None or self._channels[bom_id].owner == org:
-                out.append(bom_id)
-                if len(out) >= limit:
-                    break
-        return tuple(out)
+        return newest_of_org(self._channels, reversed(self._recency), org, limit)
 
     def _channel_for(self, bom_id: str) -> Channel:
         ch = self._channels.get(bom_id)
@@ -369,11 +304,7 @@ class Hub:
         self.streams_by_org[org] += 1
         self._metrics.streams_active.set(self.stream_count)
         self._metrics.streams_by_kind.labels(kind).inc()
-        sub._beat_slot = self._beats.add(sub)
-        deadline = self._deadline_for(sub.principal)
-        if deadline is not None:
-            reason, when = deadline
-            sub._deadline_key = self._deadlines.add(sub, when, reason)
+        self._timers.add(sub)
 
     def _unregister(self, sub: Subscriber, kind: str) -> None:
         self.stream_count -= 1
@@ -382,28 +313,6 @@ class Hub:
             del self.streams_by_org[sub.group]
         self._metrics.streams_active.set(self.stream_count)
         self._metrics.streams_by_kind.labels(kind).dec()
-
-    def _deadline_for(self, principal: Principal) -> tuple[str, float] | None:
-        """Seconds from now until the stream must end, and why."""
-        candidates: list[tuple[str, float]] = []
-        s = self._cfg.server
-        if s.max_stream_s > 0:
-            jitter = random.uniform(0, s.max_stream_jitter_s) if s.max_stream_jitter_s else 0.0
-            candidates.append((MAX_DURATION, s.max_stream_s + jitter))
-        if principal.expires_at is not None:
-            candidates.append((TOKEN_EXPIRED, principal.expires_at - time.time()))
-        return min(candidates, key=lambda c: c[1]) if candidates else None
-
-    def _heartbeat(self, sub: Subscriber) -> None:
-        t = sub.transport
-        if sub.reason is not None:
-            return
-        if t.is_closing():
-            self._finish(sub, CLIENT_GONE)
-            return
-        t.write(KEEPALIVE_CHUNK)
-        if t.get_write_buffer_size() > self._send_limit:
-            self._fanout.cut_slow(sub)
 
     def end(self, sub: Subscriber, reason: str) -> None:
         """End a stream with a ``stream_end`` frame (shutdown, expiry, forbidden...)."""
@@ -423,12 +332,7 @@ class Hub:
 
     def detach(self, sub: Subscriber) -> None:
         """Remove a stream from the broker; safe to call more than once."""
-        if sub._beat_slot >= 0:
-            self._beats.remove(sub, sub._beat_slot)
-            sub._beat_slot = -1
-        if sub._deadline_key >= 0:
-            self._deadlines.remove(sub, sub._deadline_key)
-            sub._deadline_key = -1
+        self._timers.remove(sub)
         if isinstance(sub, MultiSub):
             self._detach_multi(sub)
             return

@@ -15,7 +15,7 @@ newest position and a later resume from it misses nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from bomstream.channel import Channel, visible
@@ -94,3 +94,27 @@ def plan(
 
 def _order(event: Event) -> int:
     return event.arrival
+
+
+def newest_of_org(
+    channels: Mapping[str, Channel], newest_first: Iterator[str], org: str | None, limit: int
+) -> tuple[str, ...]:
+    """The first ``limit`` BOMs of ``newest_first`` that ``org`` (None: any) owns."""
+    out: list[str] = []
+    for bom_id in newest_first:
+        if org is None or channels[bom_id].owner == org:
+            out.append(bom_id)
+            if len(out) >= limit:
+                break
+    return tuple(out)
+
+
+def finished(channels: Mapping[str, Channel], boms: Iterable[str]) -> list[str]:
+    """The BOMs whose latest event is terminal (seen by the caller or not)."""
+    out = []
+    for bom_id in boms:
+        ch = channels.get(bom_id)
+        latest = ch.buffer.latest if ch is not None else None
+        if latest is not None and latest.terminal:
+            out.append(bom_id)
+    return out
