@@ -23,9 +23,7 @@ from bomstream.loadtest.tally import StreamTally, make_event_id
 from tests.gateway_proc import GatewayProcess
 from tests.redis_proc import RedisProcess
 from tests.test_loadtest_parts import HEAD, RecordingSink, chunked, without_clock
-from tests.test_loadtest_runs import CUT_AFTER, CraftedServer, redis_gateway, run_cli
-
-__all__ = ["redis_gateway"]  # the fixture, shared with test_loadtest_runs
+from tests.test_loadtest_runs import CUT_AFTER, CraftedServer, run_cli
 
 RUN = "r1"
 NAMES = [f"lt{RUN}-{b}" for b in range(4)]
@@ -248,11 +246,26 @@ async def test_multi_streams_count_the_faults_the_server_injected_per_bom(worker
         assert (version, bom.rsplit("-", 1)[1], eid.split("-")[2]) == ("1", "0", str(CUT_AFTER))
 
 
+@pytest.fixture
+def live_only_gateway(redis_server: RedisProcess) -> tuple[GatewayProcess, RedisProcess]:
+    """A gateway on Redis without shared history, so that every write it makes
+    while events are published goes to a stream."""
+    gw = GatewayProcess(
+        env={
+            "BOMSTREAM_REDIS_URL": redis_server.url,
+            "BOMSTREAM_HISTORY_BACKEND": "none",
+            "BOMSTREAM_AUTH_ADMIN_TOKEN": "admin-secret",
+        }
+    )
+    gw.start_sync()
+    return gw, redis_server
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_multi_streams_against_a_real_gateway_get_every_event_of_every_bom_once(
-    redis_gateway: tuple[GatewayProcess, RedisProcess], tmp_path: Path, workers: str
+    live_only_gateway: tuple[GatewayProcess, RedisProcess], tmp_path: Path, workers: str
 ) -> None:
-    gw, redis = redis_gateway
+    gw, redis = live_only_gateway
     assert gw.proc is not None
     args = [
         "--url", gw.url,
@@ -283,6 +296,10 @@ def test_multi_streams_against_a_real_gateway_get_every_event_of_every_bom_once(
     assert c["reconnects"] == 0
     gateway = report["gateway"]
     assert isinstance(gateway, dict)
+    # Each write carries one event or more, to one stream (nothing else is
+    # written while publishing: no history, no heartbeat due, no log line).
+    assert 1 <= gateway["write_calls_publish"] <= d["received"]
+    assert gateway["deliveries_per_write"] >= 1
     assert gateway["rss_kb_per_subscription"] == pytest.approx(
         (gateway["rss_kb_held"] - gateway["rss_kb_before"]) / 100, abs=0.001
     )

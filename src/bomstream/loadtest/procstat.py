@@ -1,4 +1,4 @@
-"""Another process's resident memory and CPU time, read from /proc (Linux)."""
+"""Another process's resident memory, CPU time and write calls, read from /proc (Linux)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 class ProcSample:
     rss_kb: int
     cpu_s: float
+    # write-family system calls so far (/proc/PID/io syscw); None where
+    # that file cannot be read (another user's process, no task accounting).
+    write_calls: int | None = None
 
 
 def sample(pid: int) -> ProcSample | None:
@@ -31,4 +34,16 @@ def sample(pid: int) -> ProcSample | None:
         if line.startswith(b"VmRSS:"):
             rss = int(line.split()[1])
             break
-    return ProcSample(rss, cpu)
+    return ProcSample(rss, cpu, _write_calls(pid))
+
+
+def _write_calls(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/io", "rb") as fh:
+            io = fh.read()
+    except OSError:
+        return None
+    for line in io.splitlines():
+        if line.startswith(b"syscw:"):
+            return int(line.split()[1])
+    return None

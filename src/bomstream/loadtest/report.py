@@ -95,7 +95,10 @@ class Report:
                 "cpu_s_connect": gateway.cpu_s_connect,
                 "cpu_s_publish": gateway.cpu_s_publish,
                 "rss_kb_after_publish": gateway.rss_kb_after_publish,
+                "write_calls_publish": gateway.write_calls_publish,
             }
+            if gateway.write_calls_publish:
+                g["deliveries_per_write"] = round(received / gateway.write_calls_publish, 3)
             if c.established:
                 grown = gateway.rss_kb_held - gateway.rss_kb_before
                 g["rss_kb_per_stream"] = round(grown / c.established, 2)
@@ -160,6 +163,15 @@ class Report:
                         "gateway CPU (publish)",
                         f"{g['cpu_s_publish']:.2f} s"
                         + (f" ({per:.2f} s per 100k deliveries)" if per is not None else ""),
+                    )
+                )
+            if g.get("write_calls_publish") is not None:
+                per_write = g.get("deliveries_per_write")
+                rows.append(
+                    (
+                        "gateway writes (publish)",
+                        f"{g['write_calls_publish']:,}"
+                        + (f" ({per_write:.2f} deliveries each)" if per_write else ""),
                     )
                 )
         width = max(len(k) for k, _ in rows)
