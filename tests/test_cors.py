@@ -16,6 +16,8 @@ ROUTES = [
     ("GET", "/api/enrichment/events/bom-a"),
     ("POST", "/api/enrichment/events/bom-a"),
     ("POST", "/api/enrichment/tickets"),
+    ("GET", "/api/enrichment/stream?bom_id=bom-a&bom_id=bom-b"),
+    ("GET", "/api/enrichment/events?scope=org"),
 ]
 
 

@@ -95,7 +95,16 @@ async def history_pids(conn: Conn) -> list[int]:
 def test_it_is_a_history_backend() -> None:
     h = backend("postgresql://u@127.0.0.1:1/db")
     members = [m for m in vars(HistoryBackend) if not m.startswith("_")]
-    assert sorted(members) == ["close", "name", "ping", "read", "record", "run"]
+    assert sorted(members) == [
+        "close",
+        "name",
+        "ping",
+        "read",
+        "read_rows",
+        "recent_boms",
+        "record",
+        "run",
+    ]
     assert all(callable(getattr(h, m)) for m in members if m != "name")
     assert h.name == "postgres"
 

@@ -20,6 +20,7 @@ from tests.multi_kit import (
     poll_multi,
     read_events,
 )
+from tests.redis_proc import RedisProcess
 from tests.test_multi_stream import event
 
 TICKETS = "/api/enrichment/tickets"
@@ -199,3 +200,16 @@ async def test_polling_many_boms_with_a_cursor(
     assert rest["finished"] == ["a"]
     org = await poll_multi(http, gw.url, None)
     assert org["scope"] == "org" and {e["bom_id"] for e in org["events"]} == {"a", "b", "c"}
+
+
+async def test_interest_subscriptions_refuse_multi_bom_streams_with_a_clear_error(
+    gateway_factory: StartGateway, http: aiohttp.ClientSession, redis_server: RedisProcess
+) -> None:
+    gw = await gateway_factory(redis__url=redis_server.url, redis__subscribe="interest")
+    for path in (STREAM, POLL):
+        for query in ([("bom_id", "a"), ("bom_id", "b")], [("scope", "org")]):
+            got = await status_and_code(http, gw.url + path, query, None)
+            assert got == (400, "multi_unavailable"), (path, query)
+    # Single-BOM streams are unaffected.
+    async with http.get(gw.url + "/api/enrichment/events/a") as resp:
+        assert resp.status == 200

@@ -9,6 +9,20 @@ from itertools import islice
 from bomstream.events import Event
 
 
+class Position:
+    """The newest arrival and history sequence among some events."""
+
+    __slots__ = ("arrival", "hseq")
+
+    def __init__(self) -> None:
+        self.arrival = 0
+        self.hseq = 0
+
+    def cover(self, event: Event) -> None:
+        self.arrival = max(self.arrival, event.arrival)
+        self.hseq = max(self.hseq, event.hseq)
+
+
 class BomBuffer:
     """Holds at most ``capacity`` events in arrival order.
 
@@ -17,16 +31,16 @@ class BomBuffer:
     dict lookup.
     """
 
-    __slots__ = ("_by_id", "_events", "_next_seq", "capacity", "evicted_arrival")
+    __slots__ = ("_by_id", "_events", "_next_seq", "capacity", "evicted")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._events: deque[Event] = deque()
         self._by_id: dict[str, Event] = {}
         self._next_seq = 1
-        # The newest arrival order of an event no longer held: a multi-BOM
-        # stream resuming from before it has a gap in this BOM.
-        self.evicted_arrival = 0
+        # The newest position (arrival here, and history sequence) of an event
+        # no longer held: a multi-BOM stream resuming from before it has a gap.
+        self.evicted = Position()
 
     def __len__(self) -> int:
         return len(self._events)
@@ -50,7 +64,7 @@ class BomBuffer:
         if len(self._events) > self.capacity:
             old = self._events.popleft()
             del self._by_id[old.event_id]
-            self.evicted_arrival = max(self.evicted_arrival, old.arrival)
+            self.evicted.cover(old)
 
     def after(self, event: Event) -> Iterator[Event]:
         """Held events newer than ``event`` (which must be held), oldest first."""
@@ -65,15 +79,16 @@ class BomBuffer:
 
     def replace(self, events: list[Event]) -> None:
         """Hold ``events`` (in that order) instead; the newest ``capacity`` are kept."""
-        evicted = max((e.arrival for e in events[: -self.capacity]), default=0)
+        dropped = events[: -self.capacity]
         self._events.clear()
         self._by_id.clear()
         for ev in events[-self.capacity :]:
             self.append(ev)
-        self.evicted_arrival = max(self.evicted_arrival, evicted)
+        for ev in dropped:
+            self.evicted.cover(ev)
 
     def clear(self) -> None:
         for ev in self._events:
-            self.evicted_arrival = max(self.evicted_arrival, ev.arrival)
+            self.evicted.cover(ev)
         self._events.clear()
         self._by_id.clear()

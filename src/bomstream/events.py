@@ -60,6 +60,9 @@ class Event:
     # The process-wide order in which live events arrived here (0: held from
     # history only); multi-BOM streams resume by it (see bomstream.multi).
     arrival: int = 0
+    # Its place in shared history's order across BOMs, once known (0: not yet,
+    # or a history that keeps none); see bomstream.history.redis_scripts.
+    hseq: int = 0
     # The frame for multi-BOM streams (its ``id:`` is a cursor), built on first use.
     mchunk: bytes = b""
     # Whether the JSON names its ``bom_id`` (multi-BOM frames must).

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 
+from bomstream.buffer import Position
 from bomstream.catchup import Access, access, catchup
 from bomstream.channel import Channel, Group, NoWatchers, Opened, Subscriber, Watchers
 from bomstream.config import Config
@@ -66,8 +67,8 @@ class Hub:
         # BOM too, so a stream spanning BOMs compares with any of them.
         self._arrival = 0
         self._merge_gen = 0
-        # The newest arrival among BOMs forgotten entirely (bomstream.multi.catchup).
-        self._forgotten_arrival = 0
+        # The newest position among BOMs forgotten entirely (bomstream.multi.catchup).
+        self._forgotten = Position()
         self.stream_count = 0
         self.streams_by_org: Counter[str | None] = Counter()
         self.closing = False
@@ -190,7 +191,9 @@ class Hub:
 
     def _drop_channel(self, ch: Channel) -> None:
         ch.buffer.clear()
-        self._forgotten_arrival = max(self._forgotten_arrival, ch.buffer.evicted_arrival)
+        evicted = ch.buffer.evicted
+        self._forgotten.arrival = max(self._forgotten.arrival, evicted.arrival)
+        self._forgotten.hseq = max(self._forgotten.hseq, evicted.hseq)
         self._channels.pop(ch.bom_id, None)
 
     # -- fan-out -------------------------------------------------------------
@@ -265,7 +268,7 @@ class Hub:
         self._multi.flush()
         org = principal.org
         listed = boms if boms is not None else self.org_boms(org)
-        p = plan(self._channels, listed, org, anchor, self._forgotten_arrival)
+        p = plan(self._channels, listed, org, anchor, self._forgotten)
         if anchor is not None:
             self._metrics.replay.labels("hit" if p.resumed else "miss").inc()
         self._metrics.events_delivered.inc(len(p.events))
@@ -283,7 +286,7 @@ class Hub:
     ) -> tuple[Plan, list[str]]:
         """What a multi-BOM poll returns, and which of its BOMs are finished."""
         listed = boms if boms is not None else self.org_boms(org)
-        p = plan(self._channels, listed, org, anchor, self._forgotten_arrival)
+        p = plan(self._channels, listed, org, anchor, self._forgotten)
         return p, finished(self._channels, listed)
 
     def org_boms(self, org: str | None) -> tuple[str, ...]:

@@ -40,8 +40,7 @@ from bomstream.events import Event, EventRejected, is_safe_event_id, is_valid_bo
 from bomstream.history.redis_scripts import (
     APPEND_AND_PUBLISH,
     APPEND_AND_SPUBLISH,
-    ids_key,
-    stream_key,
+    append_keys,
 )
 
 __all__ = ["AsyncPublisher", "EventRejected", "Published", "Publisher", "prepare_event"]
@@ -115,6 +114,8 @@ class PublishSettings:
     timeout_s: float = 5.0
     # Redis Cluster: SPUBLISH, and history keys hash-tagged with the channel.
     cluster: bool = False
+    # BOMs kept in history's recency indexes (buffer.max_boms).
+    max_boms: int = 10_000
 
     @classmethod
     def from_config(cls, cfg: Config) -> PublishSettings:
@@ -129,6 +130,7 @@ class PublishSettings:
             max_event_bytes=cfg.limits.max_event_bytes,
             terminal_types=cfg.events.terminal_types,
             cluster=cfg.redis.cluster,
+            max_boms=cfg.buffer.max_boms,
         )
 
     @property
@@ -146,9 +148,17 @@ class PublishSettings:
     def script_call(self, ev: Event, prefix: str) -> tuple[list[str], list[Any]]:
         channel = self.channel_prefix + ev.bom_id
         tag = channel if self.cluster else None
-        keys = [stream_key(prefix, ev.bom_id, tag), ids_key(prefix, ev.bom_id, tag)]
-        args = [ev.event_id, ev.data, self.events_per_bom, int(self.retention_s * 1000), channel]
-        return keys, args
+        ttl_ms = int(self.retention_s * 1000)
+        args = [
+            ev.event_id,
+            ev.data,
+            self.events_per_bom,
+            ttl_ms,
+            channel,
+            self.max_boms,
+            ev.bom_id,
+        ]
+        return append_keys(prefix, ev, tag), args
 
 
 def _published(ev: Event, reply: Any) -> Published:
@@ -169,6 +179,7 @@ class _PublisherBase:
         terminal_types: tuple[str, ...] = DEFAULT_TERMINAL_TYPES,
         timeout_s: float = 5.0,
         cluster: bool = False,
+        max_boms: int = 10_000,
     ) -> None:
         self.settings = PublishSettings(
             redis_url,
@@ -180,6 +191,7 @@ class _PublisherBase:
             tuple(terminal_types),
             timeout_s,
             cluster,
+            max_boms,
         )
 
     @classmethod

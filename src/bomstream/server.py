@@ -99,9 +99,11 @@ def make_app(cfg: Config, role: WorkerRole | None = None) -> web.Application:
     if not cfg.server.disable_stream:
         browser_routes.append(app.router.add_get("/api/enrichment/stream/{bom_id}", handle_stream))
         browser_routes.append(app.router.add_get("/api/enrichment/stream", handle_multi_stream))
+    # A path's methods are added one after the other: aiohttp makes them one
+    # resource only then, and CORS answers a preflight per resource.
     browser_routes.append(app.router.add_get("/api/enrichment/events/{bom_id}", handle_poll))
-    browser_routes.append(app.router.add_get("/api/enrichment/events", handle_multi_poll))
     browser_routes.append(app.router.add_post("/api/enrichment/events/{bom_id}", handle_publish))
+    browser_routes.append(app.router.add_get("/api/enrichment/events", handle_multi_poll))
     browser_routes.append(app.router.add_post("/api/enrichment/tickets", handle_ticket))
     setup_cors(app, cfg.cors, browser_routes)
     app.router.add_get("/api/enrichment/health", handle_health)

@@ -31,6 +31,16 @@ class HistoryBackend(Protocol):
         """The BOM's latest ``limit`` events, oldest first. Raises :class:`HistoryError`."""
         ...
 
+    async def read_rows(self, bom_id: str, limit: int) -> list[tuple[bytes, int]]:
+        """As :meth:`read`, each event with the sequence history gave it when
+        it was stored (0 where history keeps none)."""
+        ...
+
+    async def recent_boms(self, org: str | None, limit: int) -> list[str]:
+        """The BOMs of ``org`` (None: of every org) with the newest events,
+        newest first, at most ``limit``; [] where history keeps no such index."""
+        ...
+
     def record(self, event: Event) -> None:
         """Store an event this instance received from the feed; never blocks.
         A backend that only reads (postgres) ignores it."""

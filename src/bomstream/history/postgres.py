@@ -171,6 +171,15 @@ class PostgresHistory:
             return []
         return [encode_json(e) for e in events]
 
+    async def read_rows(self, bom_id: str, limit: int) -> list[tuple[bytes, int]]:
+        # The workers' table orders a BOM's rows, not events across BOMs.
+        return [(raw, 0) for raw in await self.read(bom_id, limit)]
+
+    async def recent_boms(self, org: str | None, limit: int) -> list[str]:
+        # The table's index is (bom_id, created_at): finding an org's newest
+        # BOMs would scan it, on every org stream's connect.
+        return []
+
     def record(self, event: Event) -> None:
         """The workers write the table; nothing to do."""
 

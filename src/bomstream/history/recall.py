@@ -122,6 +122,19 @@ class Recall:
                 await self._ensure_loaded(bom_id)
         return live
 
+    async def recent_boms(self, org: str | None, limit: int) -> list[str]:
+        """An org's BOMs with the newest events, from history's index (for a
+        ``scope=org`` catch-up on an instance that has not seen them); [] when
+        history has no index or cannot answer."""
+        if self._backend is None or time.monotonic() < self._down_until:
+            return []
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._backend.recent_boms(org, limit)
+        except (HistoryError, TimeoutError) as exc:
+            self._set_down(str(exc) or type(exc).__name__)
+            return []
+
     async def _ensure_loaded(self, bom_id: str) -> None:
         if self._backend is None or not self._hub.needs_history(bom_id):
             return
@@ -193,7 +206,7 @@ class Recall:
         self.reads += 1
         try:
             async with asyncio.timeout(self._timeout):
-                rows = await self._backend.read(bom_id, self._limit)
+                rows = await self._backend.read_rows(bom_id, self._limit)
         except (HistoryError, TimeoutError) as exc:
             self._metrics.history_reads.labels("error").inc()
             if not (isinstance(exc, HistoryError) and exc.scoped):
@@ -220,9 +233,9 @@ class Recall:
         self._hub.begin_resync(bom_id)
         return "again" if watcher.epoch(bom_id) >= 0 else "done"
 
-    def _parse(self, bom_id: str, rows: list[bytes]) -> list[Event]:
+    def _parse(self, bom_id: str, rows: list[tuple[bytes, int]]) -> list[Event]:
         out = []
-        for raw in rows:
+        for raw, seq in rows:
             try:
                 ev = parse_event(
                     raw,
@@ -234,6 +247,7 @@ class Recall:
                 self._metrics.events_dropped.labels(exc.code).inc()
                 self._drops.drop(exc.code)
                 continue
+            ev.hseq = seq
             out.append(ev)
         return out
 

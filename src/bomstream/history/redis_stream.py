@@ -37,7 +37,7 @@ from bomstream.config import Config
 from bomstream.eventloop import raise_if_cancelled
 from bomstream.events import Event
 from bomstream.history.backend import HistoryError
-from bomstream.history.redis_scripts import APPEND, ids_key, stream_key
+from bomstream.history.redis_scripts import APPEND, append_keys, ids_key, index_key, stream_key
 from bomstream.logs import FIELDS
 from bomstream.metrics import Metrics
 
@@ -55,6 +55,7 @@ class RedisStreamHistory:
     def __init__(self, cfg: Config, metrics: Metrics) -> None:
         self._prefix = cfg.history.key_prefix
         self._cap = cfg.buffer.events_per_bom
+        self._max_boms = cfg.buffer.max_boms
         self._ttl_ms = int(cfg.buffer.retention_s * 1000)
         self._timeout = cfg.history.timeout_s
         self._metrics = metrics
@@ -89,7 +90,17 @@ class RedisStreamHistory:
         tag = None if self._tag_prefix is None else self._tag_prefix + bom_id
         return [stream_key(self._prefix, bom_id, tag), ids_key(self._prefix, bom_id, tag)]
 
+    async def recent_boms(self, org: str | None, limit: int) -> list[str]:
+        try:
+            ids = await self._client.zrevrange(index_key(self._prefix, org), 0, limit - 1)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise HistoryError(f"redis: {type(exc).__name__}") from None
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
     async def read(self, bom_id: str, limit: int) -> list[bytes]:
+        return [data for data, _ in await self.read_rows(bom_id, limit)]
+
+    async def read_rows(self, bom_id: str, limit: int) -> list[tuple[bytes, int]]:
         try:
             entries = await self._client.xrevrange(self._keys(bom_id)[0], "+", "-", count=limit)
         except (RedisError, RedisClusterException, OSError) as exc:
@@ -97,11 +108,13 @@ class RedisStreamHistory:
             raise HistoryError(
                 f"redis: {type(exc).__name__}", scoped=self._tag_prefix is not None
             ) from None
-        out: list[bytes] = []
+        out: list[tuple[bytes, int]] = []
         for _entry, fields in reversed(entries or []):
-            data = fields.get(b"d") if fields else None
+            if not fields:
+                continue
+            data = fields.get(b"d")
             if isinstance(data, bytes):
-                out.append(data)
+                out.append((data, _sequence(fields.get(b"s"))))
         return out
 
     def record(self, event: Event) -> None:
@@ -152,13 +165,15 @@ class RedisStreamHistory:
             if failing:
                 log.info("history writes resumed")
                 failing = False
-            for _ in batch:
+            for ev, (_entry, seq) in zip(batch, results, strict=True):
                 self._queue.popleft()
-            stored = sum(1 for r in results if r)
+                # The live copy in the buffer learns its place in history's order.
+                ev.hseq = _sequence(seq)
+            stored = sum(1 for entry, _ in results if entry)
             self._metrics.history_writes.labels("stored").inc(stored)
             self._metrics.history_writes.labels("duplicate").inc(len(results) - stored)
 
-    async def _write(self, batch: list[Event]) -> list[bytes]:
+    async def _write(self, batch: list[Event]) -> list[tuple[bytes, int]]:
         client = self._client
         # Only pattern mode records feed events, and a cluster implies interest mode.
         assert isinstance(client, aioredis.Redis)
@@ -170,12 +185,28 @@ class RedisStreamHistory:
         ):
             for ev in batch:
                 await self._append(
-                    keys=self._keys(ev.bom_id),
-                    args=[ev.event_id, ev.data, self._cap, self._ttl_ms],
+                    keys=append_keys(self._prefix, ev),
+                    args=[
+                        ev.event_id,
+                        ev.data,
+                        self._cap,
+                        self._ttl_ms,
+                        "",
+                        self._max_boms,
+                        ev.bom_id,
+                    ],
                     client=pipe,
                 )
-            results: list[bytes] = await pipe.execute()
+            results: list[tuple[bytes, int]] = await pipe.execute()
             return results
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _sequence(value: object) -> int:
+    """A stored event's sequence; entries stored before there was one have none (0)."""
+    try:
+        return int(value) if isinstance(value, (bytes, str, int)) else 0
+    except ValueError:
+        return 0

@@ -4,12 +4,21 @@ Given the BOMs and the cursor a client resumes from, each BOM gets what a
 single-BOM stream would: the events after its position when they can be
 placed, else its latest event (a snapshot) and a mention in ``gaps``. The
 cursor names one event (:mod:`.cursor`); its BOM resumes right after it in
-that BOM's buffer, and every other BOM after the event's place in this
-process's arrival order. A BOM cannot be placed when its buffer has let go
-of events that arrived after that place, or when the named event is here
-only from history (its arrival here is unknown).
+that BOM's buffer, and every other BOM after the event's place in an order
+across BOMs. Two orders serve:
 
-Everything is returned in arrival order, so the last ``id:`` sent is the
+- **history's sequence** (``Event.hseq``), taken once per event when Redis
+  history first stores it, the same on every instance and across restarts;
+- **arrival here** (``Event.arrival``), the order this process received live
+  events in, which is Redis's publication order on every instance
+  subscribed to the pattern, for events that have no sequence yet (the
+  writer stores them a moment after delivery) or where history keeps none.
+
+A BOM cannot be placed when its buffer has let go of events after the
+position, or when the named event has neither order here.
+
+Everything is returned oldest first (events held from history only, by
+sequence, before live ones, by arrival), so the last ``id:`` sent is the
 newest position and a later resume from it misses nothing.
 """
 
@@ -18,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from bomstream.buffer import Position
 from bomstream.channel import Channel, visible
 from bomstream.events import Event
 from bomstream.multi.cursor import matches
@@ -46,16 +56,38 @@ def latest_visible(ch: Channel | None, org: str | None) -> Event | None:
     return next((e for e in reversed(ch.buffer) if visible(e, org)), None)
 
 
+def after(event: Event, position: Event) -> bool:
+    """Whether ``event`` (of any BOM) came after ``position`` in the feed."""
+    if position.hseq and event.hseq:
+        return event.hseq > position.hseq
+    if position.arrival and event.arrival:
+        return event.arrival > position.arrival
+    # Live here and not stored yet, while the position is older than this
+    # process (held from history only): newer. Held from history only,
+    # while the position arrived live: older, or it would have arrived too.
+    return bool(event.arrival) and not position.arrival
+
+
+def _placed(position: Event, lost: Position) -> bool:
+    """Whether no event after ``position`` is among those ``lost`` covers."""
+    if position.hseq and lost.hseq > position.hseq:
+        return False
+    if position.arrival:
+        return lost.arrival <= position.arrival
+    # Held from history only: live events lost here came after it.
+    return lost.arrival == 0
+
+
 def plan(
     channels: Mapping[str, Channel],
     boms: Iterable[str],
     org: str | None,
     anchor: tuple[str, str] | None,
-    forgotten_arrival: int,
+    forgotten: Position,
 ) -> Plan:
     """``anchor``: (bom_id, event reference) from the client's cursor.
-    ``forgotten_arrival``: the newest arrival of any BOM this process has
-    forgotten entirely, below which a BOM it does not hold may have had events."""
+    ``forgotten``: the newest position of any BOM this process has forgotten
+    entirely, before which a BOM it does not hold may have had events."""
     out = Plan()
     if anchor is None:
         for bom_id in boms:
@@ -66,34 +98,32 @@ def plan(
         return out
     anchor_bom, ref = anchor
     held = find(channels.get(anchor_bom), ref)
-    position = held.arrival if held is not None else 0
+    orderable = held is not None and bool(held.hseq or held.arrival)
     for bom_id in boms:
         ch = channels.get(bom_id)
         if held is not None and bom_id == anchor_bom and ch is not None:
             out.events.extend(e for e in ch.buffer.after(held) if visible(e, org))
             continue
-        placed = held is not None and position > 0
-        if placed and ch is not None:
-            placed = ch.buffer.evicted_arrival <= position
-        elif placed:
-            placed = forgotten_arrival <= position
-        if placed:
-            if ch is not None:
-                # An event held only from history (arrival 0) was published
-                # before this process subscribed, so before the position.
-                out.events.extend(e for e in ch.buffer if e.arrival > position and visible(e, org))
-            continue
+        if held is not None and orderable:
+            if ch is None and _placed(held, forgotten):
+                continue
+            if ch is not None and _placed(held, ch.buffer.evicted):
+                out.events.extend(e for e in ch.buffer if after(e, held) and visible(e, org))
+                continue
+        # Not placed: what it missed is unknown, so it is a gap even with
+        # nothing held to send in its place.
+        out.gaps.append(bom_id)
         snap = latest_visible(ch, org)
         if snap is not None:
             out.events.append(snap)
-            out.gaps.append(bom_id)
     out.resumed = held is not None and not out.gaps
     out.events.sort(key=_order)
     return out
 
 
-def _order(event: Event) -> int:
-    return event.arrival
+def _order(event: Event) -> tuple[int, int]:
+    # Held from history only: published before this process subscribed.
+    return (1, event.arrival) if event.arrival else (0, event.hseq)
 
 
 def newest_of_org(

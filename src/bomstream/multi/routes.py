@@ -43,10 +43,15 @@ async def _admit(
         refuse_when_full(gw, principal)
     anchor = _anchor(resume_from)
     boms = selection.boms
-    # Shared history fills in what this process has not seen of each BOM;
-    # a scope=org stream reads only the BOM its cursor names (history has no
-    # index of an org's BOMs).
-    wanted = boms if boms is not None else (anchor[0],) if anchor and anchor[0] else ()
+    # Shared history fills in what this process has not seen of each BOM; for
+    # an org, of its most recently updated BOMs (history's index) and the one
+    # the cursor names.
+    if boms is not None:
+        wanted = list(boms)
+    else:
+        wanted = await gw.recall.recent_boms(principal.org, cfg.limits.max_boms_per_stream)
+        if anchor and anchor[0] and anchor[0] not in wanted:
+            wanted.append(anchor[0])
     await asyncio.gather(*(gw.recall.ensure(bom_id) for bom_id in wanted))
     if principal.org is not None and boms is not None:
         for bom_id in boms:
