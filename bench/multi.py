@@ -202,9 +202,9 @@ def readme_block(result: dict[str, Any]) -> str:
         f" a repeat, then the median. Command: `{result['command']}`",
         "",
         f"Scaled down by {result['scale']} from the target (see above): {subs:,} subscriptions"
-        f" a side, {result['boms']:,} BOMs ({subs // result['boms']} subscriptions each, a"
-        f" single stream getting {RATE // result['boms']} events/s and a multi stream"
-        f" {RATE * K // result['boms']}/s), {RATE:,} events/s for {DURATION_S} s after a"
+        f" a side, {result['boms']:,} BOMs ({subs // result['boms']} subscriptions each; events"
+        f" a second: {RATE // result['boms']} to a single stream, {RATE * K // result['boms']}"
+        f" to a multi stream), {RATE:,} events/s for {DURATION_S} s after a"
         f" {HOLD_S} s hold; shared history"
         f" {'off' if result['history'] == 'none' else 'on (redis, the default with Redis)'};"
         f" the gateway pinned to core 0, the load client (`loadtest --workers"
