@@ -8,6 +8,7 @@ allocations that grew, per stream, grouped by where they were made.
 
     python bench/memtrace.py --streams 2000
     python bench/memtrace.py --streams 2000 --group traceback --frames 6
+    python bench/memtrace.py --streams 200 --boms 1000 --boms-per-stream 50
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ async def measure(args: argparse.Namespace) -> None:
     before = tracemalloc.take_snapshot()
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bomstream", "loadtest", "--config", str(conf),
-        "--url", running.url, "--connections", str(args.streams), "--boms", "100",
+        "--url", running.url, "--connections", str(args.streams), "--boms", str(args.boms),
+        "--boms-per-stream", str(args.boms_per_stream),
         "--source-ips", "2", "--connect-rate", "3000", "--mint-token",
         "--hold", "600", "--no-progress",
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
@@ -71,7 +73,9 @@ async def measure(args: argparse.Namespace) -> None:
     filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
     stats = after.filter_traces(filters).compare_to(before.filter_traces(filters), args.group)
     total = sum(s.size_diff for s in stats)
-    print(f"streams held: {n}; traced growth {total / n:.0f} B/stream")
+    subs = n * max(1, args.boms_per_stream)
+    print(f"streams held: {n}; traced growth {total / n:.0f} B/stream"
+          f" ({subs} subscriptions, {total / subs:.0f} B/subscription)")  # fmt: skip
     for s in stats[: args.top]:
         if s.size_diff <= 0:
             continue
@@ -84,6 +88,9 @@ async def measure(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--streams", type=int, default=2000)
+    parser.add_argument("--boms", type=int, default=100)
+    parser.add_argument("--boms-per-stream", type=int, default=0, metavar="K",
+                        help="streams of K BOMs each (loadtest --boms-per-stream)")  # fmt: skip
     parser.add_argument("--group", choices=("lineno", "traceback", "filename"), default="lineno")
     parser.add_argument("--frames", type=int, default=1)
     parser.add_argument("--top", type=int, default=25)

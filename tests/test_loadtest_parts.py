@@ -381,9 +381,11 @@ def test_gateway_samples_add_up_over_its_workers_and_fail_when_one_is_gone() -> 
         one = [procstat.sample(pid) for pid in pids]
         assert all(s is not None and s.rss_kb > 0 for s in one)
         both = procstat.sample_sum(pids)
+        writes = [s.write_calls for s in one if s is not None]
         assert both == procstat.ProcSample(
             sum(s.rss_kb for s in one if s is not None),
             sum(s.cpu_s for s in one if s is not None),
+            None if None in writes else sum(w for w in writes if w is not None),
         )
         sleepers[1].kill()
         sleepers[1].wait()

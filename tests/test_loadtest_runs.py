@@ -30,12 +30,24 @@ class CraftedServer:
     """Speaks the gateway's stream and publish API, but mangles every BOM's
     stream the same known way: drops one event, sends one twice, swaps two,
     and once cuts every stream of the first BOM so its clients must resume
-    with Last-Event-ID."""
+    with Last-Event-ID.
+
+    Streams of several BOMs (``/stream?bom_id=A&bom_id=B``) get the same
+    faults per BOM, in frames shaped as the gateway's: a cursor for ``id:``
+    (``1/<bom>/<event id>``) and the event's JSON, here with spaces after
+    its colons as other JSON encoders write it. A resumed one gets every
+    frame of its BOMs sent after its cursor, in the order they were sent."""
 
     def __init__(self) -> None:
         self.streams: dict[str, dict[asyncio.Transport, asyncio.Future[None]]] = {}
         self.sent: dict[str, list[tuple[str, bytes]]] = {}
-        self.stash: dict[str, bytes] = {}
+        # Multi-BOM frames in the order sent: (bom, cursor, chunk).
+        self.log: list[tuple[str, str, bytes]] = []
+        self.multi: dict[asyncio.Transport, frozenset[str]] = {}
+        self.stash: dict[str, dict[str, object]] = {}
+        # Per BOM: events that came before their turn, and the next seq due.
+        self.arrived: dict[str, dict[int, dict[str, object]]] = {}
+        self.next_seq: dict[str, int] = {}
         self.resumed_from: list[str] = []
         self.cut_done = False
         self.url = ""
@@ -43,6 +55,7 @@ class CraftedServer:
 
     async def start(self) -> None:
         app = web.Application()
+        app.router.add_get("/api/enrichment/stream", self.multi_stream)
         app.router.add_get("/api/enrichment/stream/{bom_id}", self.stream)
         app.router.add_post("/api/enrichment/events/{bom_id}", self.publish)
         self._runner = web.AppRunner(app, handle_signals=False)
@@ -61,12 +74,25 @@ class CraftedServer:
         assert self._runner is not None
         await self._runner.cleanup()
 
+    async def _hold(self, request: web.Request, blob: bytes, boms: list[str]) -> None:
+        """Write ``blob``, then keep the stream registered under each of ``boms``."""
+        transport = request.transport
+        assert transport is not None
+        transport.write(blob)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for bom in boms:
+            self.streams.setdefault(bom, {})[transport] = done
+        try:
+            await done
+        finally:
+            for bom in boms:
+                self.streams[bom].pop(transport, None)
+            self.multi.pop(transport, None)
+
     async def stream(self, request: web.Request) -> web.StreamResponse:
         bom = request.match_info["bom_id"]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        transport = request.transport
-        assert transport is not None
         blob = chunk(b"retry: 1000\n\n") + chunk(b'event: connected\ndata: {"resumed":false}\n\n')
         after = request.headers.get("Last-Event-ID")
         if after is not None:
@@ -74,45 +100,66 @@ class CraftedServer:
             ids = [eid for eid, _ in self.sent.get(bom, [])]
             if after in ids:
                 blob += b"".join(f for _, f in self.sent[bom][ids.index(after) + 1 :])
-        transport.write(blob)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.streams.setdefault(bom, {})[transport] = done
-        try:
-            await done
-        finally:
-            self.streams[bom].pop(transport, None)
+        await self._hold(request, blob, [bom])
         return resp
 
-    def _emit(self, bom: str, eid: str, frame: bytes) -> None:
-        data = chunk(frame)
-        self.sent.setdefault(bom, []).append((eid, data))
+    async def multi_stream(self, request: web.Request) -> web.StreamResponse:
+        boms = request.query.getall("bom_id")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        blob = chunk(b"retry: 1000\n\n") + chunk(b'event: connected\ndata: {"resumed":false}\n\n')
+        after = request.headers.get("Last-Event-ID")
+        if after is not None:
+            self.resumed_from.append(after)
+            cursors = [c for _, c, _ in self.log]
+            if after in cursors:
+                last = len(cursors) - 1 - cursors[::-1].index(after)
+                blob += b"".join(f for b, _, f in self.log[last + 1 :] if b in boms)
+        assert request.transport is not None
+        self.multi[request.transport] = frozenset(boms)
+        await self._hold(request, blob, boms)
+        return resp
+
+    def _emit(self, bom: str, event: dict[str, object]) -> None:
+        eid, kind = event["event_id"], event["event_type"]
+        data = chunk(f"id: {eid}\nevent: {kind}\ndata: {json.dumps(event)}\n\n".encode())
+        cursor = f"1/{bom}/{eid}"
+        mdata = chunk(f"id: {cursor}\nevent: {kind}\ndata: {json.dumps(event)}\n\n".encode())
+        self.sent.setdefault(bom, []).append((str(eid), data))
+        self.log.append((bom, cursor, mdata))
         for t in self.streams.get(bom, {}):
-            t.write(data)
+            t.write(mdata if t in self.multi else data)
 
     async def publish(self, request: web.Request) -> web.Response:
         bom = request.match_info["bom_id"]
         event = await request.json()
         eid = event["event_id"]
-        seq = int(eid.split("-")[2])
-        frame = f"id: {eid}\nevent: {event['event_type']}\ndata: {json.dumps(event)}\n\n".encode()
+        # Concurrent publishes may arrive out of turn on a busy machine; the
+        # faults are applied to each BOM's events in their published order.
+        waiting = self.arrived.setdefault(bom, {})
+        waiting[int(eid.split("-")[2])] = event
+        while (due := self.next_seq.get(bom, 1)) in waiting:
+            self.next_seq[bom] = due + 1
+            self._mangle(bom, waiting.pop(due), due)
+        return web.json_response({"event_id": eid}, status=202)
+
+    def _mangle(self, bom: str, event: dict[str, object], seq: int) -> None:
         if seq == DOUBLED:
-            self._emit(bom, eid, frame)
-            self._emit(bom, eid, frame)
+            self._emit(bom, event)
+            self._emit(bom, event)
         elif seq == HELD_BACK:
-            self.stash[bom] = frame
+            self.stash[bom] = event
         elif seq == RELEASER:
-            self._emit(bom, eid, frame)
-            held = self.stash.pop(bom)
-            self._emit(bom, held.split(b"\n")[0][4:].decode(), held)
+            self._emit(bom, event)
+            self._emit(bom, self.stash.pop(bom))
         elif seq != DROPPED:
-            self._emit(bom, eid, frame)
+            self._emit(bom, event)
         if seq == CUT_AFTER and bom.endswith("-0") and not self.cut_done:
             self.cut_done = True
             for t, done in list(self.streams.get(bom, {}).items()):
                 t.close()
                 if not done.done():
                     done.set_result(None)
-        return web.json_response({"event_id": eid}, status=202)
 
 
 @pytest.fixture

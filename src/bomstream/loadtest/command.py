@@ -23,6 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="gateway base URL (default: server.host/port from the config)")
     p.add_argument("--connections", type=int, default=100, metavar="N", help="streams to open")
     p.add_argument("--boms", type=int, default=10, metavar="B", help="BOMs to spread them over")
+    p.add_argument(
+        "--boms-per-stream",
+        type=int,
+        default=0,
+        metavar="K",
+        help="streams of K BOMs each (?bom_id=A&bom_id=B...); default: one BOM per stream",
+    )
     p.add_argument("--connect-rate", type=float, default=2000.0, metavar="R", help="new streams/s")
     p.add_argument(
         "--source-ips",
@@ -111,6 +118,7 @@ def options_from(cfg: Config, args: argparse.Namespace) -> LoadOptions:
         slow_consumers=args.slow_consumers,
         progress=not args.no_progress,
         workers=args.workers,
+        boms_per_stream=args.boms_per_stream,
     )
 
 
@@ -119,6 +127,9 @@ def loadtest_command(cfg: Config, args: argparse.Namespace) -> int:
         print(
             "bomstream: --connections, --boms and --source-ips must be at least 1", file=sys.stderr
         )
+        return 2
+    if not 0 <= args.boms_per_stream <= args.boms:
+        print("bomstream: --boms-per-stream must be between 0 and --boms", file=sys.stderr)
         return 2
     if not 1 <= args.workers <= args.connections:
         print("bomstream: --workers must be between 1 and --connections", file=sys.stderr)

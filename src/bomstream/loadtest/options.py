@@ -41,6 +41,9 @@ class LoadOptions:
     progress: bool = True
     # Client processes holding the streams; 1 keeps everything in this one.
     workers: int = 1
+    # BOMs listed on each stream (``?bom_id=A&bom_id=B...``); 0: one BOM per
+    # stream on ``/stream/{bom_id}``.
+    boms_per_stream: int = 0
 
     def token_for(self, number: int) -> str | None:
         """The bearer token of stream ``number``."""
@@ -71,5 +74,17 @@ def new_run_id() -> str:
 
 
 def bom_ids(opts: LoadOptions, run_id: str) -> list[str]:
-    """Stream ``n`` watches ``bom_ids[n % opts.boms]``."""
+    """The run's BOM ids; :func:`watched` says which a stream watches."""
     return [f"{opts.bom_prefix}{run_id}-{b}" for b in range(opts.boms)]
+
+
+def watched(opts: LoadOptions, number: int) -> list[int]:
+    """The BOMs (indexes into :func:`bom_ids`) stream ``number`` watches.
+
+    One per stream: BOM ``n % B``. K per stream: the K that follow ``n * K``
+    round the ring of B, so consecutive streams tile the BOMs and every BOM
+    is listed equally often when B divides streams times K, as single
+    streams spread over them.
+    """
+    k = max(1, opts.boms_per_stream)
+    return [(number * k + i) % opts.boms for i in range(k)]

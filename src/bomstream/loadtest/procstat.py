@@ -1,4 +1,4 @@
-"""Another process's resident memory and CPU time, read from /proc (Linux)."""
+"""Another process's resident memory, CPU time and write calls, read from /proc (Linux)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 class ProcSample:
     rss_kb: int
     cpu_s: float
+    # write-family system calls so far (/proc/PID/io syscw); None where
+    # that file cannot be read (another user's process, no task accounting).
+    write_calls: int | None = None
 
 
 def sample(pid: int) -> ProcSample | None:
@@ -32,17 +35,32 @@ def sample(pid: int) -> ProcSample | None:
         if line.startswith(b"VmRSS:"):
             rss = int(line.split()[1])
             break
-    return ProcSample(rss, cpu)
+    return ProcSample(rss, cpu, _write_calls(pid))
+
+
+def _write_calls(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/io", "rb") as fh:
+            io = fh.read()
+    except OSError:
+        return None
+    for line in io.splitlines():
+        if line.startswith(b"syscw:"):
+            return int(line.split()[1])
+    return None
 
 
 def sample_sum(pids: Iterable[int]) -> ProcSample | None:
-    """RSS and CPU seconds added up over ``pids`` (the workers of one gateway);
-    None if there are none or any cannot be read, since a partial sum would
-    pass for the whole."""
+    """RSS, CPU seconds and write calls added up over ``pids`` (the workers of
+    one gateway); None if there are none or any cannot be read, since a
+    partial sum would pass for the whole."""
     samples = [sample(pid) for pid in pids]
     if not samples or any(s is None for s in samples):
         return None
+    present = [s for s in samples if s is not None]
+    writes = [s.write_calls for s in present]
     return ProcSample(
-        sum(s.rss_kb for s in samples if s is not None),
-        sum(s.cpu_s for s in samples if s is not None),
+        sum(s.rss_kb for s in present),
+        sum(s.cpu_s for s in present),
+        None if any(w is None for w in writes) else sum(w for w in writes if w is not None),
     )

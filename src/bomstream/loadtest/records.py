@@ -23,6 +23,7 @@ from bomstream.loadtest.procstat import ProcSample
 _SUMMED = (
     "streams",
     "established",
+    "subscriptions",
     "reconnects",
     "slow_consumers",
     "slow_consumers_cut",
@@ -45,6 +46,8 @@ class StreamCounts:
 
     streams: int = 0
     established: int = 0
+    # BOMs watched over the established streams (one each on single-BOM streams).
+    subscriptions: int = 0
     reconnects: int = 0
     slow_consumers: int = 0
     slow_consumers_cut: int = 0
@@ -215,6 +218,9 @@ class GatewayUsage:
     cpu_s_connect: float
     cpu_s_publish: float | None
     rss_kb_after_publish: int | None
+    # Write calls over publishing and drain: with deliveries, how many
+    # events each write carried.
+    write_calls_publish: int | None = None
 
     @classmethod
     def of(
@@ -230,9 +236,12 @@ class GatewayUsage:
             return None
         cpu_publish = None
         rss_after = None
+        writes = None
         if pub_start is not None and pub_end is not None and pub_end is not held:
             cpu_publish = round(pub_end.cpu_s - pub_start.cpu_s, 3)
             rss_after = pub_end.rss_kb
+            if pub_start.write_calls is not None and pub_end.write_calls is not None:
+                writes = pub_end.write_calls - pub_start.write_calls
         return cls(
             pids,
             before.rss_kb,
@@ -241,4 +250,5 @@ class GatewayUsage:
             round(connected.cpu_s - before.cpu_s, 3),
             cpu_publish,
             rss_after,
+            writes,
         )

@@ -42,6 +42,8 @@ class Report:
             "connections": {
                 "target": opts.connections,
                 "established": c.established,
+                "boms_per_stream": opts.boms_per_stream,
+                "subscriptions": c.subscriptions,
                 "failed": dict(c.failed),
                 "time_to_connect_s": round(c.connect_s, 3),
                 "connect_rate_target": opts.connect_rate,
@@ -97,10 +99,15 @@ class Report:
                 "cpu_s_connect": gateway.cpu_s_connect,
                 "cpu_s_publish": gateway.cpu_s_publish,
                 "rss_kb_after_publish": gateway.rss_kb_after_publish,
+                "write_calls_publish": gateway.write_calls_publish,
             }
+            if gateway.write_calls_publish:
+                g["deliveries_per_write"] = round(received / gateway.write_calls_publish, 3)
             if c.established:
                 grown = gateway.rss_kb_held - gateway.rss_kb_before
                 g["rss_kb_per_stream"] = round(grown / c.established, 2)
+            if c.subscriptions:
+                g["rss_kb_per_subscription"] = round(grown / c.subscriptions, 3)
             if gateway.cpu_s_publish is not None and received:
                 g["cpu_s_per_100k_deliveries"] = round(
                     gateway.cpu_s_publish * 100_000 / received, 3
@@ -114,7 +121,7 @@ class Report:
         failed = ", ".join(f"{k}: {n}" for k, n in sorted(c["failed"].items())) or "none"
         rows = [
             ("url", d["url"]),
-            ("streams", f"{c['established']}/{c['target']} over {d['boms']} BOMs"),
+            ("streams", _streams_row(d)),
             ("failed", failed),
             ("time to connect", f"{c['time_to_connect_s']:.2f} s"),
             ("reconnects", str(c["reconnects"])),
@@ -145,7 +152,12 @@ class Report:
                 (
                     "gateway RSS",
                     f"{g['rss_kb_before'] / 1024:.1f} -> {g['rss_kb_held'] / 1024:.1f} MiB"
-                    f" ({g.get('rss_kb_per_stream', 0):.2f} KiB/stream)",
+                    f" ({g.get('rss_kb_per_stream', 0):.2f} KiB/stream"
+                    + (
+                        f", {g.get('rss_kb_per_subscription', 0):.3f} KiB/subscription)"
+                        if c["boms_per_stream"]
+                        else ")"
+                    ),
                 )
             )
             if g.get("cpu_s_publish") is not None:
@@ -157,11 +169,28 @@ class Report:
                         + (f" ({per:.2f} s per 100k deliveries)" if per is not None else ""),
                     )
                 )
+            if g.get("write_calls_publish") is not None:
+                per_write = g.get("deliveries_per_write")
+                rows.append(
+                    (
+                        "gateway writes (publish)",
+                        f"{g['write_calls_publish']:,}"
+                        + (f" ({per_write:.2f} deliveries each)" if per_write else ""),
+                    )
+                )
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {val}" for k, val in rows]
         if d["client_cpu_warning"]:
             lines.append(f"warning: {d['client_cpu_warning']}")
         return "\n".join(lines)
+
+
+def _streams_row(d: dict[str, Any]) -> str:
+    c = d["connections"]
+    row = f"{c['established']}/{c['target']} over {d['boms']} BOMs"
+    if c["boms_per_stream"]:
+        row += f", {c['boms_per_stream']} a stream ({c['subscriptions']} subscriptions)"
+    return row
 
 
 def _part_json(part: ClientPart) -> dict[str, Any]:

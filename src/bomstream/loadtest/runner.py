@@ -2,9 +2,13 @@
 drain, close.
 
 With several client processes each drives one shard: every ``count``-th
-stream, starting at ``index``. A stream keeps its number, and with it the BOM
-it watches, its source address, its token and its place in the connect
+stream, starting at ``index``. A stream keeps its number, and with it the
+BOMs it watches, its source address, its token and its place in the connect
 schedule, so N processes open and watch exactly what one process would.
+
+A stream watches one BOM, or several on one connection
+(``--boms-per-stream``); either way each BOM it watches has its own tally,
+and loss is counted per BOM against what that BOM was published.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from bomstream.loadtest.histogram import LogHistogram
-from bomstream.loadtest.options import LoadOptions, bom_ids, new_run_id
+from bomstream.loadtest.multistream import MultiSSEConnection, Watch
+from bomstream.loadtest.options import LoadOptions, bom_ids, new_run_id, watched
 from bomstream.loadtest.records import ClientPart, CpuClock, Snapshot, StreamCounts
 from bomstream.loadtest.sseclient import SSEConnection, build_request
 from bomstream.loadtest.tally import StreamTally
@@ -58,7 +63,10 @@ class LoadTest:
 
     Streams are held by local position; ``numbers[j]`` is stream ``j``'s
     number in the whole run. The slow consumers are the lowest numbers, so
-    here they are the first ``slow`` positions.
+    here they are the first ``slow`` positions. ``tallies`` holds one tally
+    per BOM watched, stream by stream: stream ``j``'s are
+    ``tallies[first[j]:first[j + 1]]``, for the BOMs ``watched[j]``; with
+    one BOM per stream, ``tallies[j]`` is stream ``j``'s.
     """
 
     def __init__(
@@ -88,7 +96,11 @@ class LoadTest:
         self.keepalives = 0
         # Per-stream state, indexed by local position.
         n = len(self.numbers)
-        self.tallies = [StreamTally() for _ in range(n)]
+        self.watched = [watched(opts, number) for number in self.numbers]
+        self.first = [0] * (n + 1)
+        for j, boms in enumerate(self.watched):
+            self.first[j + 1] = self.first[j] + len(boms)
+        self.tallies = [StreamTally() for _ in range(self.first[n])]
         self.conns: list[SSEConnection | None] = [None] * n
         self.ever_open = [False] * n
         self.settled = [False] * n
@@ -161,16 +173,32 @@ class LoadTest:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _request(self, number: int, last_event_id: bytes | None) -> bytes:
+    def _request(self, j: int, last_event_id: bytes | None) -> bytes:
         opts = self.opts
-        path = f"{self.base_path}/api/enrichment/stream/{self.bom_ids[number % opts.boms]}"
+        number = self.numbers[j]
+        boms = self.watched[j]
+        if opts.boms_per_stream:
+            query = "&".join(f"bom_id={self.bom_ids[b]}" for b in boms)
+            path = f"{self.base_path}/api/enrichment/stream?{query}"
+        else:
+            path = f"{self.base_path}/api/enrichment/stream/{self.bom_ids[boms[0]]}"
         return build_request(self.host, self.port, path, opts.token_for(number), last_event_id)
+
+    def _connection(self, j: int, last_event_id: bytes | None) -> SSEConnection:
+        request = self._request(j, last_event_id)
+        boms = self.watched[j]
+        if not self.opts.boms_per_stream:
+            return SSEConnection(self, j, boms[0], request, self.tallies[j])
+        watches = {
+            str(b).encode(): Watch(self.bom_ids[b].encode(), tally)
+            for b, tally in zip(boms, self.tallies_of(j), strict=True)
+        }
+        return MultiSSEConnection(self, j, request, watches)
 
     async def _connect(self, j: int, last_event_id: bytes | None = None) -> None:
         loop = asyncio.get_running_loop()
         number = self.numbers[j]
-        bom = number % self.opts.boms
-        conn = SSEConnection(self, j, bom, self._request(number, last_event_id), self.tallies[j])
+        conn = self._connection(j, last_event_id)
         conn.last_event_id = last_event_id
         self.conns[j] = conn
         source = self.sources[number % len(self.sources)]
@@ -275,20 +303,23 @@ class LoadTest:
 
     # -- accounting ----------------------------------------------------------
 
+    def tallies_of(self, j: int) -> list[StreamTally]:
+        """Stream ``j``'s tallies, one per BOM of ``watched[j]``."""
+        return self.tallies[self.first[j] : self.first[j + 1]]
+
     def _accounted(self) -> range:
         """Local positions counted for loss and latency: all but the slow consumers."""
         return range(self.slow, len(self.numbers))
 
     def expected_total(self, published: list[int]) -> int:
-        boms = self.opts.boms
         return sum(
-            published[self.numbers[j] % boms] for j in self._accounted() if self.ever_open[j]
+            published[b] for j in self._accounted() if self.ever_open[j] for b in self.watched[j]
         )
 
     def accounted_delivered(self) -> int:
         if not self.slow:
             return self.delivered
-        return self.delivered - sum(t.received for t in self.tallies[: self.slow])
+        return self.delivered - sum(t.received for t in self.tallies[: self.first[self.slow]])
 
     def counts(self, published: list[int]) -> StreamCounts:
         """What the streams counted, against ``published`` events per BOM."""
@@ -308,19 +339,24 @@ class LoadTest:
             first_attempt_at=self.first_attempt_at,
             last_open_at=self.last_open_at,
         )
-        boms = self.opts.boms
+        # Like ``established``: every stream that opened, slow consumers too.
+        c.subscriptions = sum(
+            len(w) for w, up in zip(self.watched, self.ever_open, strict=True) if up
+        )
         for j in self._accounted():
             if not self.ever_open[j]:
                 continue
-            t = self.tallies[j]
-            want = published[self.numbers[j] % boms]
-            missing = t.lost(want)
-            c.expected += want
-            c.lost += missing
-            c.streams_with_loss += missing > 0
-            c.received += t.received
-            c.duplicates += t.duplicates
-            c.out_of_order += t.out_of_order
+            stream_lost = 0
+            for b, t in zip(self.watched[j], self.tallies_of(j), strict=True):
+                want = published[b]
+                missing = t.lost(want)
+                stream_lost += missing
+                c.expected += want
+                c.lost += missing
+                c.received += t.received
+                c.duplicates += t.duplicates
+                c.out_of_order += t.out_of_order
+            c.streams_with_loss += stream_lost > 0
         return c
 
     async def _close_all(self) -> None:

@@ -274,9 +274,6 @@ class SSEConnection(asyncio.Protocol):
 
     def _frames(self, buf: bytes, pos: int, end: int, now_us: int) -> None:
         """Every frame in ``buf[pos:end]``; ``end`` is just past a blank line."""
-        sink = self.sink
-        prefix = self._prefix
-        tally = self.tally
         while pos < end:
             stop = buf.find(b"\n\n", pos, end)
             if stop < 0:
@@ -285,27 +282,35 @@ class SSEConnection(asyncio.Protocol):
                 pos += 1
                 continue
             if buf.startswith(b"id: ", pos):
-                nl = buf.find(b"\n", pos)
-                event_id = buf[pos + 4 : nl]
-                self.last_event_id = event_id
-                if event_id.startswith(prefix):
-                    rest = event_id[len(prefix) :].split(b"-")
-                    if tally.see(int(rest[0])):
-                        sink.delivered += 1
-                        sink.latency.record(now_us - int(rest[1]))
-                elif event_id.startswith(sink.run_id.encode() + b"-"):
-                    sink.misrouted += 1
-                else:
-                    sink.foreign += 1
+                self._id_frame(buf, pos, stop, now_us)
             else:
                 self._other_frame(buf[pos:stop])
             pos = stop + 2
+
+    def _id_frame(self, buf: bytes, pos: int, stop: int, now_us: int) -> None:
+        """The event frame ``buf[pos:stop]``, its ``id:`` line first: the id
+        alone names the run, the BOM, the sequence and the send time."""
+        sink = self.sink
+        prefix = self._prefix
+        nl = buf.find(b"\n", pos, stop)
+        event_id = buf[pos + 4 : nl if nl >= 0 else stop]
+        self.last_event_id = event_id
+        if event_id.startswith(prefix):
+            rest = event_id[len(prefix) :].split(b"-")
+            if self.tally.see(int(rest[0])):
+                sink.delivered += 1
+                sink.latency.record(now_us - int(rest[1]))
+        elif event_id.startswith(sink.run_id.encode() + b"-"):
+            sink.misrouted += 1
+        else:
+            sink.foreign += 1
 
     def _other_frame(self, frame: bytes) -> None:
         """Frames without a leading id: comments, retry, control events."""
         event = b""
         event_id: bytes | None = None
         data: list[bytes] = []
+        fields: list[bytes] = []
         for line in frame.split(b"\n"):
             if line.startswith(b":"):
                 self.sink.keepalives += 1
@@ -313,15 +318,17 @@ class SSEConnection(asyncio.Protocol):
             name, _, value = line.partition(b":")
             if value.startswith(b" "):
                 value = value[1:]
+            if name == b"id":
+                event_id = value
+                continue
+            fields.append(line)
             if name == b"event":
                 event = value
             elif name == b"data":
                 data.append(value)
-            elif name == b"id":
-                event_id = value
         if event_id is not None:
             # An id line later in the frame: rebuild it the usual way round.
-            rebuilt = b"id: " + event_id + b"\n\n"
+            rebuilt = b"id: " + event_id + b"\n" + b"".join(f + b"\n" for f in fields) + b"\n"
             self._frames(rebuilt, 0, len(rebuilt), time.time_ns() // 1000)
         elif event == b"stream_end":
             reason = _json_field(b"\n".join(data), b"reason")
