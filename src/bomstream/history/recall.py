@@ -54,7 +54,10 @@ EMPTY_CACHE_SIZE = 10000
 # Re-reads after lapsed subscriptions in flight at once (a feed reconnect
 # re-reads every watched BOM that has open streams).
 RESYNC_READS = 32
-RESYNC_RETRY_S = (0.25, 0.5, 1.0)
+# Waits between tries of such a re-read. A node that has just restarted can
+# take seconds to answer reads again, and giving up leaves the streams a gap
+# for good (the events in it may include the run's end), so they wait ~8 s.
+RESYNC_RETRY_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 # Reads again at most this often in a row when the subscription keeps lapsing.
 MAX_REREADS = 3
 
