@@ -8,9 +8,11 @@ import json
 import signal
 import socket
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import aiohttp
 
+from bomstream.channel import Subscriber
 from bomstream.config_load import load_config
 from bomstream.hub import Hub
 from bomstream.metrics import Metrics
@@ -235,7 +237,8 @@ def test_max_duration_deadlines_are_jittered_within_bounds() -> None:
         default_file=False,
     )
     hub = Hub(cfg, Metrics())
-    deadlines: list[tuple[str, float]] = [d for _ in range(50) if (d := hub._deadline_for(OPEN))]
+    sub = Subscriber("bom", OPEN, cast(Any, None))
+    deadlines = [d for _ in range(50) if (d := hub._timers._deadline_for(sub))]
     assert {reason for reason, _ in deadlines} == {"max_duration"}
     seconds = [s for _, s in deadlines]
     assert all(60 <= s <= 90 for s in seconds)
