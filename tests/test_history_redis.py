@@ -171,6 +171,27 @@ async def test_two_instances_store_each_directly_published_event_once_in_order(
     assert sum(stored) == 300
 
 
+async def test_the_writer_stores_again_after_redis_forgets_its_script(
+    redis_server: RedisProcess, gateways: list[GatewayProcess], http: aiohttp.ClientSession
+) -> None:
+    await started(gateways, redis_server, http)
+    worker_publish(redis_server, "bom-f", progress("bom-f", 1))
+    await eventually(
+        lambda: asyncio.to_thread(stored_ids, redis_server, "bom-f"), lambda i: len(i) == 1
+    )
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.script_flush()  # what a restarted or flushed Redis has done
+    finally:
+        client.close()
+    for n in range(2, 5):
+        worker_publish(redis_server, "bom-f", progress("bom-f", n))
+    ids = await eventually(
+        lambda: asyncio.to_thread(stored_ids, redis_server, "bom-f"), lambda i: len(i) == 4
+    )
+    assert ids == [f"bom-f-e{n}" for n in range(1, 5)]
+
+
 async def test_history_is_capped_at_the_buffer_size_and_expires(
     redis_server: RedisProcess, gateways: list[GatewayProcess], http: aiohttp.ClientSession
 ) -> None:

@@ -30,7 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bomstream.config import Config
@@ -177,6 +177,20 @@ class RedisStreamHistory:
         client = self._client
         # Only pattern mode records feed events, and a cluster implies interest mode.
         assert isinstance(client, aioredis.Redis)
+        try:
+            return await self._pipelined(client, batch)
+        except NoScriptError:
+            # A Redis that restarted (or was flushed) has forgotten the script.
+            await client.script_load(APPEND)
+            return await self._pipelined(client, batch)
+
+    async def _pipelined(
+        self, client: aioredis.Redis, batch: list[Event]
+    ) -> list[tuple[bytes, int]]:
+        # EVALSHA itself, not the Script object: a pipeline holding Script calls
+        # asks SCRIPT EXISTS first on every execute, a second round trip for
+        # every batch, which at low event rates is a batch of one event.
+        sha = self._append.sha
         # The pipeline as a context: cancelled half way (shutdown) or with Redis
         # gone mid-batch, it is reset and gives its connection back to the pool.
         async with (
@@ -184,18 +198,18 @@ class RedisStreamHistory:
             client.pipeline(transaction=False) as pipe,
         ):
             for ev in batch:
-                await self._append(
-                    keys=append_keys(self._prefix, ev),
-                    args=[
-                        ev.event_id,
-                        ev.data,
-                        self._cap,
-                        self._ttl_ms,
-                        "",
-                        self._max_boms,
-                        ev.bom_id,
-                    ],
-                    client=pipe,
+                keys = append_keys(self._prefix, ev)
+                pipe.evalsha(
+                    sha,
+                    len(keys),
+                    *keys,
+                    ev.event_id,
+                    ev.data,
+                    self._cap,
+                    self._ttl_ms,
+                    "",
+                    self._max_boms,
+                    ev.bom_id,
                 )
             results: list[tuple[bytes, int]] = await pipe.execute()
             return results
