@@ -296,9 +296,9 @@ def test_multi_streams_against_a_real_gateway_get_every_event_of_every_bom_once(
     assert c["reconnects"] == 0
     gateway = report["gateway"]
     assert isinstance(gateway, dict)
-    # Each write carries one event or more, to one stream (nothing else is
-    # written while publishing: no history, no heartbeat due, no log line).
-    assert 1 <= gateway["write_calls_publish"] <= d["received"]
+    # Each write carries one event or more, to one stream; besides them only
+    # a stream's heartbeat or the feed's ping to Redis may fall due.
+    assert 1 <= gateway["write_calls_publish"] <= d["received"] + c["established"]
     assert gateway["deliveries_per_write"] >= 1
     assert gateway["rss_kb_per_subscription"] == pytest.approx(
         (gateway["rss_kb_held"] - gateway["rss_kb_before"]) / 100, abs=0.001
