@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -134,11 +135,6 @@ class Publishing:
             try:
                 await self.pub.publish(bom, body)
                 self.sent[bom].append(str(body["event_id"]))
-                if self.retries and not getattr(self, "_x", False):
-                    self._x = True
-                    import time
-
-                    print("publisher resumed", time.time())
                 return
             except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
                 self.retries += 1
@@ -287,16 +283,11 @@ async def test_a_stream_loses_nothing_while_the_node_owning_its_bom_restarts(
         health = await g.health(http)
         assert health["redis"] == "degraded" and health["status"] == "healthy"
         await asyncio.sleep(1.0)
-        import time
-
-        print("restart", time.time())
         victim.start()
         await asyncio.to_thread(cluster.wait_ok)
-        print("ok", time.time())
         await publishing
         results = {b: await r for b, r in readers.items()}
         samples = await scrape(http, g.url)
-    print(g.log_text())
     assert run.retries > 0  # publishing really did stall on the dead node
     for bom, (resumed, frames) in results.items():
         check_stream(run.sent[bom], resumed, frames, None)
@@ -324,18 +315,14 @@ async def test_events_arrive_in_order_while_a_primary_is_failed_over(
         timeout=10,
     )
     async with AsyncPublisher(c.url, cluster=True) as pub:
-        run = Publishing(pub, moving, 200)
+        # Long enough that a manual failover asked twice still falls inside it.
+        run = Publishing(pub, moving, 1000)
         publishing = asyncio.create_task(run.run())
         tasks.append(publishing)
         await run.reached(40)
-        assert replica.command("CLUSTER", "FAILOVER") in (b"OK", "OK", True)
-        await eventually(
-            lambda: asyncio.to_thread(replica.command, "ROLE"),
-            lambda role: role[0] in (b"master", "master"),  # type: ignore[index]
-            timeout=30,
-        )
+        await fail_over(replica)
         await asyncio.to_thread(c.wait_ok)
-        assert run.done < 200, "the failover should happen while events are published"
+        assert run.done < 1000, "the failover should happen while events are published"
         await publishing
         results = {b: await r for b, r in readers.items()}
         samples = await scrape(http, g.url)
@@ -364,3 +351,21 @@ def test_cluster_keys_hash_to_the_channels_slot_and_plain_keys_stay_as_they_were
             assert key_slot(key.encode()) == key_slot(channel.encode())
     assert stream_key("enrichment-history:", "bom-1") == "enrichment-history:bom-1"
     assert ids_key("enrichment-history:", "bom-1") == "enrichment-history:bom-1:ids"
+
+
+async def fail_over(replica: Any) -> None:
+    """CLUSTER FAILOVER on a replica, then FORCE if it has not taken over: Redis
+    drops a manual failover after 5 s when its primary does not hand over in
+    time, and never asks again itself."""
+    for mode in ((), ("FORCE",)):
+        assert replica.command("CLUSTER", "FAILOVER", *mode) in (b"OK", "OK", True)
+        try:
+            await eventually(
+                lambda: asyncio.to_thread(replica.command, "ROLE"),
+                lambda role: role[0] in (b"master", "master"),
+                timeout=4 if not mode else 15,
+            )
+            return
+        except AssertionError:
+            if mode:
+                raise
