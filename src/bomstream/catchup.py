@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bomstream.channel import Channel, visible
+from bomstream.channel import Channel, latest_visible, visible
 from bomstream.events import Event
 from bomstream.principal import Principal
 
@@ -61,7 +61,7 @@ def catchup(ch: Channel | None, org: str | None, last_event_id: str | None) -> C
         out.resumed = out.hit = True
         events = list(ch.buffer.after(anchor))
     else:
-        latest = next((e for e in reversed(ch.buffer) if visible(e, org)), None)
+        latest = latest_visible(ch, org)
         if latest is not None:
             events = [latest]
         if ch.buffer.latest is not None and ch.buffer.latest is not latest:

@@ -123,6 +123,13 @@ def visible(event: Event, org: str | None) -> bool:
     return org is None or event.org == org
 
 
+def latest_visible(ch: Channel | None, org: str | None) -> Event | None:
+    """A BOM's newest event that ``org`` may see (its snapshot)."""
+    if ch is None:
+        return None
+    return next((e for e in reversed(ch.buffer) if visible(e, org)), None)
+
+
 class Watchers(Protocol):
     """Told when a BOM gets its first open stream and loses its last one
     (interest subscriptions follow this)."""

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from bomstream.buffer import Position
-from bomstream.channel import Channel, visible
+from bomstream.channel import Channel, latest_visible, visible
 from bomstream.events import Event
 from bomstream.multi.cursor import matches
 
@@ -48,12 +48,6 @@ def find(ch: Channel | None, ref: str) -> Event | None:
         return held
     # A digest reference (a very long event_id): rare, and only at connect.
     return next((e for e in ch.buffer if matches(e, ref)), None)
-
-
-def latest_visible(ch: Channel | None, org: str | None) -> Event | None:
-    if ch is None:
-        return None
-    return next((e for e in reversed(ch.buffer) if visible(e, org)), None)
 
 
 def after(event: Event, position: Event) -> bool:

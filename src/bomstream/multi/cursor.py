@@ -19,7 +19,7 @@ import hashlib
 
 import orjson
 
-from bomstream.events import Event, control_frame, is_valid_bom_id
+from bomstream.events import Event, chunk, control_frame, is_valid_bom_id
 
 VERSION = "1"
 MAX_EVENT_ID_BYTES = 256
@@ -64,7 +64,7 @@ def multi_chunk(event: Event) -> bytes:
         + data
         + b"\n\n"
     )
-    event.mchunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+    event.mchunk = chunk(frame)
     return event.mchunk
 
 
