@@ -299,7 +299,11 @@ def test_multi_streams_against_a_real_gateway_get_every_event_of_every_bom_once(
     # Each write carries one event or more, to one stream; besides them only
     # a stream's heartbeat or the feed's ping to Redis may fall due.
     assert 1 <= gateway["write_calls_publish"] <= d["received"] + c["established"]
-    assert gateway["deliveries_per_write"] >= 1
+    # The same slack as above: a heartbeat or ping may add a write or two.
+    assert gateway["deliveries_per_write"] == round(
+        d["received"] / gateway["write_calls_publish"], 3
+    )
+    assert gateway["deliveries_per_write"] * (d["received"] + c["established"]) >= d["received"]
     assert gateway["rss_kb_per_subscription"] == pytest.approx(
         (gateway["rss_kb_held"] - gateway["rss_kb_before"]) / 100, abs=0.001
     )
